@@ -1,0 +1,1 @@
+"""Optuna search spaces, one per built-in policy."""
