@@ -1,0 +1,29 @@
+"""StreamingLLM: keep the attention sinks and the most recent tokens, evict everything else.
+
+The score is the absolute position (recency). Under the default rule (``tau = inf``) every pair that leaves the
+window is evicted, which is StreamingLLM with ``sinks + window`` tokens; under a :class:`TopK` budget the most
+recent pairs fill the budget, which is StreamingLLM at that budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from kvzap_lab.policy import Threshold, register_policy
+
+
+@register_policy("streaming_llm")
+@dataclass
+class StreamingLLMScorer:
+    """Scores ``[b, kv_heads, t]`` = absolute position of each new token."""
+
+    accumulates_attention = False
+    default_rule = Threshold(tau=math.inf)
+
+    def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:
+        if keys is None or positions is None:
+            raise ValueError("StreamingLLMScorer needs keys [b, kv_heads, t, d] and positions [b, t]")
+        return positions.to(keys.device).float()[:, None, :].expand(-1, keys.shape[1], -1)
