@@ -1,0 +1,392 @@
+"""The bundled test-bed model: its tokenizer, its training recipe and its evaluation.
+
+    python -m kvzap_lab.testbed train [--out DIR] [--steps N] [--device cuda]   # seeded, resumable
+    python -m kvzap_lab.testbed eval --json                                      # full-cache accuracy
+
+The model is a small Llama (GQA: 4 query heads, 2 KV heads; RoPE) with a byte-level BPE tokenizer trained on
+our own synthetic corpus, so it encodes any UTF-8 text. It is trained from scratch on the task suite of
+:mod:`kvzap_lab.tasks` in a multi-turn form (many questions about one context, loss on answer tokens only) plus
+the copy task (loss on the repeated context), with a fixed length curriculum (256 → 2048 context tokens). The result is a standard HF checkpoint directory
+(config, safetensors, tokenizer.json, chat template) loadable by ``AutoModelForCausalLM``/``AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from kvzap_lab import tasks
+from kvzap_lab.model import TESTBED_PATH
+
+CHAT_TEMPLATE = (
+    "{{ '<|bos|>' }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+    "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+# Context lengths and the fraction of training after which each is unlocked (fixed, so batches are a pure
+# function of (seed, step): resumable and producible in worker processes).
+CURRICULUM = {256: 0.0, 512: 0.15, 1024: 0.35, 2048: 0.6}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained weights (saved next to the checkpoint)."""
+
+    seed: int = 0
+    steps: int = 6000
+    tokens_per_step: int = 16384
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 512
+    vocab_size: int = 768
+    max_positions: int = 4096
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def _corpus_lines(rng: random.Random, n: int):
+    """Synthetic text covering every word, digit and template of the task suite."""
+    for _ in range(n):
+        key, adj = rng.choice(tasks.KEYS), rng.choice(tasks.COLORS)
+        var, var2 = rng.sample(tasks.VARIABLES, 2)
+        yield " ".join(
+            [
+                tasks.filler_sentence(rng),
+                f"the special magic number for {key} is {rng.randrange(1000, 10000)} .",
+                f"{adj} {key} maps to {rng.randrange(1000, 10000)} .",
+                f"var {var} = {rng.randrange(10000, 100000)} . var {var2} = {var} .",
+                f"\nwhat is the special magic number for {key} ?\nwhat are all the special magic numbers for {key} ?",
+                f"\nwhat does {adj} {key} map to ?\nwhich variables are equal to {rng.randrange(10000, 100000)} ?",
+                "\n" + tasks.COPY_INSTRUCTION,
+            ]
+        )
+
+
+def train_tokenizer(vocab_size: int = 768, seed: int = 0):
+    """A byte-level BPE tokenizer (digits split one by one) with the chat tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=tasks.SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_corpus_lines(random.Random(seed), 20000), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=tasks.BOS,
+        eos_token=tasks.END,
+        pad_token=tasks.PAD,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _turn(encode, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """A further user question and assistant answer: (ids, loss mask)."""
+    end = encode.special(tasks.END)
+    prompt = [encode.special(tasks.USER)] + encode("\n" + question) + [end] + encode("\n")
+    prompt += [encode.special(tasks.ASSISTANT)] + encode("\n")
+    answer_ids = encode(answer) + [end]
+    return prompt + answer_ids + encode("\n"), [0] * len(prompt) + [1] * len(answer_ids) + [0]
+
+
+def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """One training sequence of a given kind and its loss mask (1 on answer tokens)."""
+    end = encode.special(tasks.END)
+    if kind == "copy":
+        context, _ = tasks.build_context(encode, [], context_tokens // 2, rng)
+        prompt, _ = tasks.chat_prompt(encode, context, tasks.COPY_INSTRUCTION)
+        return prompt + context + [end], [0] * len(prompt) + [1] * (len(context) + 1)
+    if kind == "kv":
+        context, _, _, meta = tasks.draw_task("kv_retrieval", encode, context_tokens, rng, 1)
+        questions = [(f"what does {key} map to ?", value) for key, value in meta["pairs"]]
+        rng.shuffle(questions)
+        questions = questions[:8]
+    elif kind == "vars":
+        context, question, answer, _ = tasks.draw_task("variable_tracking", encode, context_tokens, rng, rng.randint(2, 4))
+        questions = [(question, answer)]
+    elif kind == "multi_value":
+        context, question, answer, _ = tasks.draw_task("multi_value", encode, context_tokens, rng, rng.randint(2, 4))
+        questions = [(question, answer)]
+    else:  # recall: several needles with distinct keys, several of them asked
+        count = rng.randint(1, 16)
+        keys = rng.sample(tasks.KEYS, count)
+        values = [str(rng.randrange(1000, 10000)) for _ in keys]
+        facts = [tasks.needle(k, v) for k, v in zip(keys, values)]
+        context, _ = tasks.build_context(encode, facts, context_tokens, rng)
+        asked = [rng.randrange(count) for _ in range(rng.randint(2, 8))]
+        questions = [(f"what is the special magic number for {keys[i]} ?", values[i]) for i in asked]
+    first_q, first_a = questions[0]
+    prompt, _ = tasks.chat_prompt(encode, context, first_q)
+    answer_ids = encode(first_a) + [end]
+    ids = prompt + answer_ids + encode("\n")
+    mask = [0] * len(prompt) + [1] * len(answer_ids) + [0]
+    for question, answer in questions[1:]:
+        more_ids, more_mask = _turn(encode, question, answer)
+        ids, mask = ids + more_ids, mask + more_mask
+    return ids, mask
+
+
+KINDS = {"recall": 0.40, "kv": 0.15, "multi_value": 0.10, "vars": 0.10, "copy": 0.25}
+
+
+class BatchSource(torch.utils.data.Dataset):
+    """Batch ``step`` of the run, a pure function of (config, step): safe to resume and to produce in
+    DataLoader workers. Half the batches use the longest unlocked context length."""
+
+    def __init__(self, tokenizer, config: TrainConfig):
+        self.encode = tasks.PieceEncoder(tokenizer)
+        self.config = config
+        self.pad = tokenizer.pad_token_id
+
+    def __len__(self):
+        return self.config.steps
+
+    def __getitem__(self, step: int):
+        rng = random.Random(f"train:{self.config.seed}:{step}")
+        unlocked = [n for n, at in CURRICULUM.items() if step >= at * self.config.steps]
+        length = unlocked[-1] if rng.random() < 0.5 else rng.choice(unlocked)
+        seqs, masks, kinds = [], [], []
+        budget = self.config.tokens_per_step
+        while budget > 0:
+            kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+            ids, mask = training_sequence(self.encode, kind, length, rng)
+            seqs.append(ids)
+            masks.append(mask)
+            kinds.append(kind)
+            budget -= len(ids)
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for row, (ids, mask) in enumerate(zip(seqs, masks)):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+        kind_ids = torch.tensor([list(KINDS).index(k) for k in kinds])
+        return input_ids, labels, kind_ids, length
+
+
+# ----------------------------------------------------------------------------------------------- training
+def build_model(config: TrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads,
+        max_position_embeddings=config.max_positions,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(config.seed)
+    return LlamaForCausalLM(model_config)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(model, tokenizer, out: Path, meta: dict) -> None:
+    """Write the HF checkpoint directory atomically (a temporary sibling directory, then a rename)."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(meta, indent=2))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def train(config: TrainConfig, out: Path, device: str, workers: int, every: int, time_budget: float | None) -> dict:
+    """Train (or resume) the test bed into ``out``; returns a summary dict."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_path = out.parent / (out.name + ".train_state.pt")
+    tokenizer = train_tokenizer(config.vocab_size, config.seed)
+    model = build_model(config, tokenizer).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    start = 0
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{state_path} was written with another config; remove it or pass the same flags")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resuming from step {start} ({state_path})", file=sys.stderr)
+
+    source = BatchSource(tokenizer, config)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(source, range(start, config.steps)),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    use_bf16 = device.startswith("cuda")
+    model.train()
+    began = time.time()
+    accuracy = {}
+    progress = tqdm(total=config.steps, initial=start, desc="test-bed training", mininterval=5)
+    step = start
+    for input_ids, labels, kind_ids, length in loader:
+        lr_scale = min(1.0, (step + 1) / config.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_scale
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=input_ids).logits
+        # HF shifts labels inside the loss; we do it explicitly here: position t predicts token t+1.
+        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+        token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+        # Mean per sequence, then over sequences: a copy sequence (hundreds of loss tokens) weighs as much as a
+        # retrieval sequence (a few answer tokens).
+        counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
+        loss = (token_loss.sum(dim=1) / counts).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        progress.update(1)
+        with torch.no_grad():
+            hit = (shift_logits.argmax(-1) == shift_labels) | (shift_labels == -100)
+            per_row = hit.all(dim=1).float().cpu()
+        for index, kind in enumerate(KINDS):
+            rows = kind_ids == index
+            if rows.any():
+                accuracy[kind] = 0.9 * accuracy.get(kind, per_row[rows].mean().item()) + 0.1 * per_row[rows].mean().item()
+        progress.set_postfix(loss=f"{loss.item():.3f}", L=int(length), recall=f"{accuracy.get('recall', 0):.2f}", copy=f"{accuracy.get('copy', 0):.2f}")
+        out_of_time = time_budget is not None and time.time() - began > time_budget
+        if step % every == 0 or step == config.steps or out_of_time:
+            meta = {"config": asdict(config), "step": step, "seconds": time.time() - began, "batch_accuracy": accuracy}
+            _atomic_torch_save(
+                {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+                state_path,
+            )
+            _save_checkpoint(model, tokenizer, out, meta)
+        if out_of_time:
+            break
+    progress.close()
+    return {"step": step, "seconds": time.time() - began, "batch_accuracy": accuracy}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def teacher_forced_scores(model, samples, batch_size: int = 16) -> list[float]:
+    """Greedy-decoding scores of each sample, computed in one teacher-forced forward per batch.
+
+    Greedy decoding reproduces the reference exactly iff the argmax is right at every answer position; the
+    copy task's token accuracy is the fraction of answer positions whose argmax is right.
+    """
+    device = next(model.parameters()).device
+    scores = []
+    for begin in range(0, len(samples), batch_size):
+        batch = samples[begin : begin + batch_size]
+        seqs = [s.input_ids + s.answer_ids for s in batch]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+        logits = model(input_ids=input_ids.to(device)).logits
+        for row, sample in enumerate(batch):
+            start = len(sample.input_ids)
+            predicted = logits[row, start - 1 : start - 1 + len(sample.answer_ids)].argmax(-1).tolist()
+            if sample.task == "copy":
+                scores.append(sum(p == r for p, r in zip(predicted, sample.answer_ids)) / len(sample.answer_ids))
+            else:
+                scores.append(float(predicted == sample.answer_ids))
+    return scores
+
+
+def evaluate(model, tokenizer, context_tokens: int, n: int, seed: int, task_names=tasks.TASKS) -> dict:
+    """Full-cache accuracy per task on ``n`` held-out samples (seeds disjoint from training's)."""
+    result = {}
+    for task in tqdm(task_names, desc=f"eval @ {context_tokens} tokens"):
+        samples = tasks.make_samples(task, tokenizer, n, context_tokens, seed=10_000 + seed)
+        scores = teacher_forced_scores(model, samples)
+        result[task] = sum(scores) / len(scores)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvzap_lab.testbed", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train (or resume) the test-bed model")
+    p_train.add_argument("--out", type=Path, default=TESTBED_PATH, help="checkpoint directory (default: the bundled one)")
+    p_train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes producing batches")
+    p_train.add_argument("--every", type=int, default=200, help="checkpoint every N steps")
+    p_train.add_argument("--time-budget", type=float, default=None, help="stop (after a checkpoint) after this many seconds")
+    for name, field_ in TrainConfig.__dataclass_fields__.items():
+        p_train.add_argument("--" + name.replace("_", "-"), type=type(field_.default), default=field_.default)
+    p_eval = sub.add_parser("eval", help="full-cache accuracy per task on held-out samples")
+    p_eval.add_argument("--model", default="testbed")
+    p_eval.add_argument("--context-tokens", type=int, default=1024)
+    p_eval.add_argument("--n", type=int, default=200, help="samples per task")
+    p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--tasks", default=",".join(tasks.TASKS))
+    p_eval.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p_eval.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p_eval.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        fields = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
+        summary = train(TrainConfig(**fields), args.out, args.device, args.workers, args.every, args.time_budget)
+        print(json.dumps(summary))
+        return 0
+    from kvzap_lab.model import load_model
+
+    names = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in names if t not in tasks.TASKS]
+    if unknown:
+        parser.error(f"unknown tasks {unknown}; known tasks: {', '.join(tasks.TASKS)}")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    accuracy = evaluate(model, tokenizer, args.context_tokens, args.n, args.seed, names)
+    for task, value in accuracy.items():
+        print(f"{task:20s} {value:.3f}")
+    summary = {"context_tokens": args.context_tokens, "n_per_task": args.n, "accuracy": accuracy}
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
