@@ -42,6 +42,9 @@ ENTRY_POINT_GROUP = "kvzap_lab.policies"
 DEFAULT_WINDOW = 32  # the test bed's contexts are short; KVzap uses 128 on 8B models
 DEFAULT_SINKS = 4
 _BUILTIN_MODULES = (
+    "kvzap_linear",
+    "kvzap_mlp",
+    "gbdt",
     "oracle",
     "random",
     "streaming_llm",

@@ -1,0 +1,166 @@
+"""What every trainable scorer shares: data checks, the sklearn estimator contract, per-layer scoring,
+held-out metrics, FLOPs, and tying a trained scorer to the model it was trained for.
+
+A trainable scorer maps the hidden state entering each attention layer to one predicted log KVzip+ score per
+KV head: ``fit(X [n, layers, hidden], y [n, layers, kv_heads])``, ``predict(X) -> y`` (numpy or torch in,
+same type out), and ``score(hidden [b, t, hidden], layer) -> [b, kv_heads, t]`` for the eviction engine.
+Subclasses implement ``_fit(X, y)``, ``_predict_layer(x [m, hidden] float32 tensor, layer) -> [m, kv_heads]``,
+``flops_per_token()``, and ``_config()``/``_state()``/``_set_state(config, tensors)`` for :mod:`kvzap_lab.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from sklearn.base import BaseEstimator
+from torch import Tensor
+
+from kvzap_lab.policy import Threshold
+
+MANIFEST_KEYS = ("model_fingerprint", "n_layers", "hidden_size", "n_kv_heads")
+
+
+class ModelMismatchError(ValueError):
+    """A scorer, dataset or checkpoint was made for another model (fingerprint or shapes differ)."""
+
+
+def check_training_data(X, y=None, manifest: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate ``X [n, layers, hidden]`` and ``y [n, layers, kv_heads]`` (finite, consistent with each other and
+    with the dataset ``manifest`` if given); return them as float32 numpy arrays."""
+    X = _as_numpy(X, "X")
+    if X.ndim != 3 or X.shape[0] == 0:
+        raise ValueError(f"X must be hidden states [n > 0, layers, hidden]; got shape {X.shape}")
+    if y is not None:
+        y = _as_numpy(y, "y")
+        if y.ndim != 3 or y.shape[:2] != X.shape[:2]:
+            raise ValueError(f"y must be log-scores [n, layers, kv_heads] matching X [n, layers, hidden] {X.shape}; got {y.shape}")
+    if manifest is not None:
+        expected = {"n_layers": X.shape[1], "hidden_size": X.shape[2]} | ({"n_kv_heads": y.shape[2]} if y is not None else {})
+        wrong = {k: (manifest[k], v) for k, v in expected.items() if k in manifest and manifest[k] != v}
+        if wrong:
+            detail = ", ".join(f"{k}: model has {m}, data has {d}" for k, (m, d) in wrong.items())
+            raise ModelMismatchError(f"training data does not match the model of its manifest ({detail})")
+    return X, y
+
+
+def _as_numpy(a, name: str) -> np.ndarray:
+    a = a.detach().cpu().float().numpy() if isinstance(a, Tensor) else np.asarray(a, dtype=np.float32)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        where = np.argwhere(bad)[0].tolist()
+        raise ValueError(f"{name} contains {int(bad.sum())} NaN/inf values (first at index {where}); clean the dataset")
+    return a
+
+
+def projection_flops_per_token(config) -> int:
+    """FLOPs per token of a decoder's linear projections (q, k, v, o and the gated MLP) over all layers.
+
+    ``config`` is a transformers config (``hidden_size``, heads, ``intermediate_size``, ``num_hidden_layers``).
+    """
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * config.intermediate_size
+    return 2 * (attention + mlp) * config.num_hidden_layers
+
+
+def r2_spearman_mse(y_true, y_pred) -> dict:
+    """Held-out fit per layer: ``{"r2": [layers], "spearman": [layers], "mse": [layers]}`` over all tokens and
+    KV heads of each layer; R² is the squared Pearson correlation, as the KVzap paper reports."""
+    y_true, y_pred = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
+    out = {"r2": [], "spearman": [], "mse": []}
+    for layer in range(y_true.shape[1]):
+        t, p = y_true[:, layer].ravel(), y_pred[:, layer].ravel()
+        out["r2"].append(float(np.corrcoef(t, p)[0, 1] ** 2) if t.std() > 0 and p.std() > 0 else 0.0)
+        out["spearman"].append(float(spearmanr(t, p).statistic) if t.std() > 0 and p.std() > 0 else 0.0)
+        out["mse"].append(float(np.mean((t - p) ** 2)))
+    return out
+
+
+class TrainableScorer(BaseEstimator):
+    """Base of the KVzap-linear, KVzap-MLP and boosted-tree scorers (sklearn estimator + policy scorer)."""
+
+    policy_name: ClassVar[str]
+    accumulates_attention: ClassVar[bool] = False
+    default_rule: ClassVar[Threshold] = Threshold()
+
+    def fit(self, X, y, *, manifest: dict | None = None):
+        """Fit on ``X [n, layers, hidden]``, ``y [n, layers, kv_heads]``; ``manifest`` (from the dataset) ties the
+        scorer to its model."""
+        X, y = check_training_data(X, y, manifest)
+        self.trained_for_ = {"model_fingerprint": (manifest or {}).get("model_fingerprint")} | dict(
+            n_layers=X.shape[1], hidden_size=X.shape[2], n_kv_heads=y.shape[2]
+        )
+        self._fit(X, y)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "trained_for_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(X, y) or load a checkpoint first")
+
+    def predict(self, X):
+        """Predicted log-scores ``[n, layers, kv_heads]`` for ``X [n, layers, hidden]`` (numpy in -> numpy out)."""
+        self._check_fitted()
+        is_numpy = not isinstance(X, Tensor)
+        X_np, _ = check_training_data(X)
+        self._check_hidden(X_np.shape[-1], X_np.shape[1])
+        x = torch.from_numpy(X_np)
+        with torch.no_grad():
+            y = torch.stack([self._predict_layer(x[:, layer], layer) for layer in range(x.shape[1])], dim=1)
+        return y.numpy() if is_numpy else y.to(X.device)
+
+    def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:
+        """Predicted log KVzip+ of the new tokens: ``hidden [b, t, hidden]`` -> ``[b, kv_heads, t]``."""
+        self._check_fitted()
+        self._check_hidden(hidden.shape[-1], None, layer)
+        b, t, h = hidden.shape
+        with torch.no_grad():
+            out = self._predict_layer(hidden.detach().reshape(b * t, h).float().cpu(), layer)
+        return out.reshape(b, t, -1).transpose(1, 2).to(hidden.device)
+
+    def _check_hidden(self, hidden_size: int, n_layers: int | None, layer: int = 0) -> None:
+        meta = self.trained_for_
+        if hidden_size != meta["hidden_size"] or (n_layers is not None and n_layers != meta["n_layers"]):
+            raise ModelMismatchError(
+                f"{type(self).__name__} was trained for hidden size {meta['hidden_size']} and {meta['n_layers']} layers; "
+                f"got hidden size {hidden_size}" + (f" and {n_layers} layers" if n_layers is not None else "")
+            )
+        if not 0 <= layer < meta["n_layers"]:
+            raise ValueError(f"layer {layer} out of range: the scorer has {meta['n_layers']} layers")
+
+    def check_model(self, model) -> None:
+        """Raise :class:`ModelMismatchError` unless ``model`` is the one (or has the shapes) this scorer was trained for."""
+        from kvzap_lab.model import describe, fingerprint
+
+        self._check_fitted()
+        spec, meta = describe(model), self.trained_for_
+        shapes = {"n_layers": spec.n_layers, "hidden_size": spec.hidden_size, "n_kv_heads": spec.n_kv_heads}
+        wrong = [f"{k}: scorer {meta[k]}, model {v}" for k, v in shapes.items() if meta[k] != v]
+        if wrong:
+            raise ModelMismatchError(f"{type(self).__name__} was trained for another model ({'; '.join(wrong)})")
+        if meta.get("model_fingerprint") and meta["model_fingerprint"] != fingerprint(model):
+            raise ModelMismatchError(
+                f"{type(self).__name__} was trained for model fingerprint {meta['model_fingerprint']}, "
+                f"this model's is {fingerprint(model)}: retrain the scorer on this model's oracle dataset"
+            )
+
+    def save(self, path) -> None:
+        """Write the fitted scorer to directory ``path`` (config.json + safetensors; no pickle)."""
+        from kvzap_lab.checkpoint import save_scorer
+
+        self._check_fitted()
+        save_scorer(self, path)
+
+    @classmethod
+    def load(cls, path, model=None):
+        """Read a scorer saved by :meth:`save` (or an official KVzap checkpoint); with ``model``, check it matches."""
+        from kvzap_lab.checkpoint import load_scorer
+
+        scorer = load_scorer(path, model=model)
+        if not isinstance(scorer, cls):
+            raise TypeError(f"{path} holds a {type(scorer).__name__}, not a {cls.__name__}")
+        return scorer

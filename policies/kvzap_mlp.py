@@ -1,0 +1,140 @@
+"""KVzap-MLP: per layer hidden -> width (hidden/8) -> kv_heads with GELU, trained with MSE on log-scores.
+
+AdamW, cosine schedule, gradient clipping, batch 512 (the paper's recipe). All layers train at once as one
+batched einsum; each layer keeps its own best epoch on a validation split carved from the training data
+(early stopping when no layer improved for ``patience`` epochs). Inputs and targets are standardised during
+training and the scaling is folded back into the first and last linear maps, so the result is a plain
+Linear-GELU-Linear per layer in NVIDIA's KVzap layout (``depth`` > 1 stacks more hidden layers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kvzap_lab.policies.kvzap_linear import KVzapLinear
+from kvzap_lab.policy import register_policy
+
+
+def _forward_all_layers(weights: list, x: torch.Tensor) -> torch.Tensor:
+    """``x [batch, layers, in]`` through every layer's network at once -> ``[batch, layers, kv_heads]``."""
+    for i, (W, b) in enumerate(weights):
+        x = torch.einsum("bli,loi->blo", F.gelu(x) if i else x, W) + b
+    return x
+
+
+@register_policy("kvzap_mlp", "mlp")
+class KVzapMLP(KVzapLinear):
+    """Per-layer MLP scorer; ``width`` defaults to hidden/8, ``depth`` is the number of hidden layers;
+    ``n_threads`` is the torch thread count while training."""
+
+    policy_name = "kvzap_mlp"
+
+    def __init__(
+        self,
+        width: int | None = None,
+        depth: int = 1,
+        lr: float = 5e-3,
+        weight_decay: float = 0.01,
+        epochs: int = 15,
+        batch_size: int = 512,
+        grad_clip: float = 1.0,
+        validation_fraction: float = 0.05,
+        patience: int = 3,
+        seed: int = 0,
+        n_threads: int = 1,
+        verbose: bool = False,
+    ):
+        self.width = width
+        self.depth = depth
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.grad_clip = grad_clip
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.seed = seed
+        self.n_threads = n_threads
+        self.verbose = verbose
+
+    def _init_weights(self, n_layers: int, dims: list[int], generator: torch.Generator) -> list:
+        weights = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            bound = 1 / math.sqrt(d_in)  # nn.Linear's default init
+            W = (torch.rand(n_layers, d_out, d_in, generator=generator) * 2 - 1) * bound
+            b = (torch.rand(n_layers, d_out, generator=generator) * 2 - 1) * bound
+            weights.append((W.requires_grad_(), b.requires_grad_()))
+        return weights
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.n_threads)  # tiny matmuls: one thread is fastest (and immune to contention)
+        try:
+            self._train(X, y)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, X: np.ndarray, y: np.ndarray) -> None:
+        if self.depth < 1 or not 0 < self.validation_fraction < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"need depth >= 1, 0 < validation_fraction < 1, batch_size >= 1; got depth={self.depth}, "
+                f"validation_fraction={self.validation_fraction}, batch_size={self.batch_size} (depth 0 is KVzapLinear)"
+            )
+        n, n_layers, hidden = X.shape
+        width = self.width or max(1, hidden // 8)
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(n, generator=generator)
+        n_val = max(1, int(round(n * self.validation_fraction)))
+        if n - n_val < 1:
+            raise ValueError(f"{n} training rows are too few to carve a validation split of {self.validation_fraction}")
+        val, train = order[:n_val], order[n_val:]
+        x, t = torch.from_numpy(X), torch.from_numpy(y)
+        x_mean, x_std = x[train].mean(0), x[train].std(0) + 1e-6  # [L, H]
+        t_mean, t_std = t[train].mean(0), t[train].std(0) + 1e-6  # [L, K]
+        xs, ts = (x - x_mean) / x_std, (t - t_mean) / t_std
+
+        weights = self._init_weights(n_layers, [hidden] + [width] * self.depth + [y.shape[2]], generator)
+        params = [p for pair in weights for p in pair]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        steps_per_epoch = math.ceil(len(train) / self.batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs * steps_per_epoch)
+        best = [(W.detach().clone(), b.detach().clone()) for W, b in weights]
+        best_loss = torch.full((n_layers,), math.inf)
+        stale = 0
+        for _ in tqdm(range(self.epochs), desc="kvzap_mlp epochs", disable=not self.verbose):
+            shuffled = train[torch.randperm(len(train), generator=generator)]
+            for start in range(0, len(shuffled), self.batch_size):
+                rows = shuffled[start : start + self.batch_size]
+                loss = F.mse_loss(_forward_all_layers(weights, xs[rows]), ts[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                optimizer.step()
+                schedule.step()
+            with torch.no_grad():
+                val_loss = ((_forward_all_layers(weights, xs[val]) - ts[val]) ** 2).mean(dim=(0, 2))  # [L]
+                improved = val_loss < best_loss
+                for (W, b), (bW, bb) in zip(weights, best):
+                    bW[improved], bb[improved] = W[improved], b[improved]
+                best_loss = torch.minimum(best_loss, val_loss)
+            stale = 0 if improved.any() else stale + 1
+            if stale >= self.patience:
+                break
+        self.validation_mse_ = best_loss.tolist()  # per layer, in standardised target units
+        self.weights_ = self._fold_standardisation(best, x_mean, x_std, t_mean, t_std)
+
+    @staticmethod
+    def _fold_standardisation(weights: list, x_mean, x_std, t_mean, t_std) -> list:
+        """Rewrite the first map to take raw hidden states and the last to emit raw log-scores."""
+        W0, b0 = weights[0]
+        W0 = W0 / x_std[:, None, :]
+        b0 = b0 - torch.einsum("loi,li->lo", W0, x_mean)
+        folded = [(W0, b0)] + weights[1:]
+        Wn, bn = folded[-1]
+        folded[-1] = (Wn * t_std[:, :, None], bn * t_std + t_mean)
+        return [(W.contiguous(), b.contiguous()) for W, b in folded]
