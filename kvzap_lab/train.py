@@ -1,0 +1,149 @@
+"""Train a scorer on an oracle dataset and report its held-out fit.
+
+    python -m kvzap_lab.train --policy mlp --data DATA_DIR --out OUT_DIR [--set width=32 --set epochs=5] [--json]
+
+Prints per-layer and mean held-out R² (squared Pearson, as the KVzap paper reports), Spearman and MSE; writes
+``OUT/scorer/`` (load with ``get_policy(name, checkpoint=OUT/scorer)``), ``OUT/pred_vs_true.png`` and
+``OUT/metrics.json``. With ``--json`` the summary is the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvzap_lab.policy import resolve_policy
+from kvzap_lab.surrogate import TrainableScorer, check_training_data, projection_flops_per_token, r2_spearman_mse
+
+
+def _load_dataset(path, model=None):
+    from kvzap_lab.data import load_dataset  # written by the oracle issue; imported only when training from disk
+
+    return load_dataset(path, model=model)
+
+
+def evaluate(scorer: TrainableScorer, X_test, y_test) -> dict:
+    """Held-out metrics of a fitted scorer: per-layer lists and means of ``r2``, ``spearman``, ``mse``."""
+    X_test, y_test = check_training_data(X_test, y_test)
+    per_layer = r2_spearman_mse(y_test, scorer.predict(X_test))
+    return {k: float(np.mean(v)) for k, v in per_layer.items()} | {"per_layer": per_layer}
+
+
+def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=None) -> tuple[TrainableScorer, dict]:
+    """Fit the trainable scorer ``policy`` with ``params`` on ``dataset`` (X/y train/test + manifest); return it with
+    its held-out metrics, training seconds, FLOPs per token, and (with ``model``) the FLOPs ratio to the model's
+    linear projections."""
+    factory = resolve_policy(policy)
+    if not (isinstance(factory, type) and issubclass(factory, TrainableScorer)):
+        raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, gbdt (kvzap_linear, kvzap_mlp)")
+    scorer = factory(**(params or {}))
+    start = time.perf_counter()
+    scorer.fit(dataset.X_train, dataset.y_train, manifest=dataset.manifest)
+    summary = {"policy": scorer.policy_name, "params": scorer.get_params(), "train_seconds": time.perf_counter() - start}
+    summary |= {"n_train": len(dataset.X_train), "n_test": len(dataset.X_test)}
+    summary |= evaluate(scorer, dataset.X_test, dataset.y_test)
+    summary["flops_per_token"] = scorer.flops_per_token()
+    if model is not None:
+        scorer.check_model(model)
+        summary["flops_ratio"] = summary["flops_per_token"] / projection_flops_per_token(model.config)
+    return scorer, summary
+
+
+def plot_predictions(y_true, y_pred, path) -> None:
+    """Predicted-vs-true log-score density per layer (``y [n, layers, kv_heads]``), written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layers = y_true.shape[1]
+    cols = min(4, n_layers)
+    rows = -(-n_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for layer, ax in enumerate(axes.flat):
+        if layer >= n_layers:
+            ax.axis("off")
+            continue
+        t, p = y_true[:, layer].ravel(), y_pred[:, layer].ravel()
+        ax.hexbin(t, p, gridsize=40, bins="log", mincnt=1)
+        lo, hi = min(t.min(), p.min()), max(t.max(), p.max())
+        ax.plot([lo, hi], [lo, hi], "r--", lw=0.8)
+        r2 = np.corrcoef(t, p)[0, 1] ** 2
+        ax.set(title=f"layer {layer}  R²={r2:.3f}", xlabel="true log KVzip+", ylabel="predicted")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value (e.g. --set width=32); got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _report(summary: dict) -> str:
+    per = summary["per_layer"]
+    lines = [f"{'layer':>5} {'R2':>7} {'Spearman':>9} {'MSE':>9}"]
+    lines += [f"{i:>5} {r:7.4f} {s:9.4f} {m:9.4f}" for i, (r, s, m) in enumerate(zip(per["r2"], per["spearman"], per["mse"]))]
+    lines.append(f"{'mean':>5} {summary['r2']:7.4f} {summary['spearman']:9.4f} {summary['mse']:9.4f}")
+    lines.append(f"trained {summary['policy']} on {summary['n_train']} rows in {summary['train_seconds']:.1f} s; "
+                 f"{summary['flops_per_token']} FLOPs/token" + (f" ({100 * summary['flops_ratio']:.2f} % of the model's "
+                 "linear projections)" if "flops_ratio" in summary else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m kvzap_lab.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--policy", required=True, help="trainable policy: linear, mlp, gbdt (or a registered name)")
+    parser.add_argument("--data", required=True, help="oracle dataset directory (kvzap_lab.data)")
+    parser.add_argument("--out", required=True, help="output directory (scorer/, pred_vs_true.png, metrics.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="scorer hyperparameter, repeatable")
+    parser.add_argument("--model", help="model name or path to check the dataset against and compute the FLOPs ratio")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    args = parser.parse_args(argv)
+
+    params = _parse_params(args.set)
+    if "verbose" in inspect.signature(resolve_policy(args.policy)).parameters:
+        params.setdefault("verbose", True)  # tqdm progress on the command line
+    model = None
+    if args.model:
+        from kvzap_lab.model import load_model
+
+        model, _ = load_model(args.model)
+    dataset = _load_dataset(args.data, model=model)
+    scorer, summary = fit_and_evaluate(args.policy, dataset, params, model=model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer.save(out / "scorer")
+    X_test, y_test = check_training_data(dataset.X_test, dataset.y_test)
+    plot_predictions(y_test, scorer.predict(X_test), out / "pred_vs_true.png")
+    summary |= {"scorer_dir": str(out / "scorer"), "plot": str(out / "pred_vs_true.png"), "data": str(args.data)}
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, out / "metrics.json")
+    print(_report(summary))
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
