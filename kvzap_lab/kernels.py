@@ -97,6 +97,18 @@ class ScorerWeights:
     def n_heads(self) -> int:
         return (self.w2 if self.is_mlp else self.w1).shape[1]
 
+    def to(self, device=None, dtype=None) -> "ScorerWeights":
+        """A copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
+        return ScorerWeights(*(None if w is None else w.to(device=device, dtype=dtype) for w in (self.w1, self.b1, self.w2, self.b2)))
+
+    @classmethod
+    def from_stacked(cls, weights: list[tuple[Tensor, Tensor]], layer: int) -> "ScorerWeights":
+        """Layer ``layer`` of stacked nn.Linear-layout maps ``[(W [layers, out, in], b [layers, out]), ...]``, the
+        ``weights_`` of the lab's trained KVzapLinear (one map) and KVzapMLP (two maps, GELU between) scorers."""
+        if len(weights) not in (1, 2):
+            raise ValueError(f"the kernel runs linear (1 map) or one-hidden-layer MLP (2 maps) scorers; got {len(weights)} maps")
+        return cls(*(t for W, b in weights for t in (W[layer].T, b[layer])))
+
     @classmethod
     def from_module(cls, module: nn.Module) -> "ScorerWeights":
         """Views (no copies) of a torch scorer: ``nn.Linear(D, H)`` or ``nn.Sequential(Linear(D, M), GELU(), Linear(M, H))``."""

@@ -73,6 +73,22 @@ def test_torch_scorer_matches_the_nn_module_it_was_read_from(mlp):
     assert torch.equal(keep, scores >= 0.1)
 
 
+@pytest.mark.parametrize("mlp", [False, True])
+def test_from_stacked_reads_the_labs_trained_scorers(mlp):
+    from kvzap_lab.policies.kvzap_linear import KVzapLinear
+    from kvzap_lab.policies.kvzap_mlp import KVzapMLP
+
+    g = torch.Generator().manual_seed(7)
+    X, y = torch.randn(96, 2, D, generator=g).numpy(), torch.randn(96, 2, H, generator=g).numpy()
+    scorer = (KVzapMLP(epochs=1) if mlp else KVzapLinear()).fit(X, y)
+    hidden = torch.randn(2, 5, D, generator=g)
+    for layer in range(2):
+        weights = ScorerWeights.from_stacked(scorer.weights_, layer)
+        assert weights.is_mlp == mlp
+        scores, _ = score_and_threshold_torch(hidden, weights, 0.0)
+        torch.testing.assert_close(scores, scorer.score(hidden, layer), atol=1e-5, rtol=1e-5)
+
+
 def test_torch_scorer_per_head_tau_and_batched_hidden():
     weights = make_weights(mlp=True)
     hidden = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1))
