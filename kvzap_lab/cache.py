@@ -1,0 +1,277 @@
+"""A compacted KV cache: every (layer, batch row, KV head) holds its own set of pairs, and evicted pairs are freed.
+
+Storage of one layer (:class:`CompactLayer`), with ``n`` the slots in use and ``capacity >= n`` the slots allocated:
+
+- ``keys`` / ``values`` ``[b, kv_heads, capacity, head_dim]``
+- ``positions`` ``[b, kv_heads, capacity]`` int64, the absolute (RoPE) position of the pair in each slot
+- ``scores`` ``[b, kv_heads, capacity]`` float32, the policy's stored score of the pair
+- ``alive`` ``[b, kv_heads, capacity]`` bool, whether the slot holds a pair (False: evicted, padding or a hole)
+
+New tokens are written at slots ``[n, n + t)`` of every row, so eviction only clears ``alive`` (cheap, every
+step); :meth:`CompactLayer.compact` packs each row's live pairs to the front (stable order) and trims the
+capacity, so that the bytes held stay close to the pairs kept. Rows of a layer keep different counts: the
+shorter rows carry holes up to the longest row.
+
+:class:`CompactCache` is a transformers ``Cache`` over these layers. ``get_seq_length`` reports the TRUE
+sequence length (every token fed, padding included), so transformers' default position ids stay right; the
+engine (:mod:`kvzap_lab.engine`) announces every forward with :meth:`CompactCache.begin_step` (positions and
+padding of the new tokens) and builds the per-head attention masks with :meth:`CompactLayer.mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvzap_lab.kernels import compact
+
+# Slots are allocated in multiples of this, and at least this many are added when a layer grows.
+_SLOT_QUANTUM = 8
+# A growing layer gets this fraction of its live slots as headroom (geometric growth, amortised copies).
+_GROWTH = 0.125
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _SLOT_QUANTUM) * _SLOT_QUANTUM
+
+
+class CompactLayer(CacheLayerMixin):
+    """One layer of a :class:`CompactCache` (layout in the module docstring). ``used`` is the slots in use."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.positions: Tensor | None = None
+        self.scores: Tensor | None = None
+        self.alive: Tensor | None = None
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_empty(b, h, 0, d)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.positions = torch.empty(b, h, 0, dtype=torch.int64, device=self.device)
+        self.scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.alive = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
+        self.is_initialized = True
+
+    def _resize(self, capacity: int) -> None:
+        """Reallocate every tensor to ``capacity`` slots, keeping slots ``[0, used)``."""
+        n = self.used
+
+        def moved(t: Tensor) -> Tensor:
+            out = t.new_empty(*t.shape[:2], capacity, *t.shape[3:])
+            out[:, :, :n] = t[:, :, :n]
+            return out
+
+        self.keys, self.values = moved(self.keys), moved(self.values)
+        self.positions, self.scores, self.alive = moved(self.positions), moved(self.scores), moved(self.alive)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, positions: Tensor, valid: Tensor, **kwargs):
+        """Append ``t`` new pairs ``[b, h, t, d]`` at ``positions [b, t]`` (``valid [b, t]`` False on padding).
+
+        Returns views ``(keys, values)`` ``[b, h, used, d]`` over every slot in use, the new pairs last.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t, start = key_states.shape[2], self.used
+        if start + t > self.capacity:
+            self._resize(_round_up(max(start + t, start + max(_SLOT_QUANTUM, int(start * _GROWTH)))))
+        end = start + t
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        self.positions[:, :, start:end] = positions[:, None, :]
+        self.scores[:, :, start:end] = 0.0
+        self.alive[:, :, start:end] = valid[:, None, :]
+        self.used = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def mask(self, query_positions: Tensor, sliding_window: int | None = None) -> Tensor:
+        """Which slots each query may attend to: bool ``[b, kv_heads, q, used]`` (may be a broadcast view).
+
+        A slot is visible if it holds a pair at a position ``<=`` the query's (causal by absolute position) and,
+        for sliding-window layers, within the window. Query rows that would see nothing (padding queries) see
+        everything instead, which keeps padding outputs finite; no real token ever reads them.
+        """
+        n = self.used
+        alive = self.alive[:, :, None, :n]
+        q = query_positions.shape[1]
+        if q == 1 and sliding_window is None:
+            return alive  # every held pair is in the past of the one new token
+        key_pos = self.positions[:, :, None, :n]
+        query_pos = query_positions[:, None, :, None]
+        visible = alive & (key_pos <= query_pos)
+        if sliding_window is not None:
+            visible = visible & (key_pos > query_pos - sliding_window)
+        if q > 1:
+            visible = visible | ~visible.any(-1, keepdim=True)
+        return visible
+
+    def evictable(self, last_positions: Tensor, window: int, sinks: int) -> Tensor:
+        """Held pairs the rule may evict: bool ``[b, kv_heads, used]``.
+
+        Not sinks (position ``< sinks``), not among the ``window`` most recent tokens of the row (the newest, at
+        ``last_positions [b]``, always counts as recent).
+        """
+        pos = self.positions[:, :, : self.used]
+        newest_old = (last_positions - max(window, 1))[:, None, None]
+        return self.alive[:, :, : self.used] & (pos <= newest_old) & (pos >= sinks)
+
+    def drop(self, evict: Tensor) -> None:
+        """Mark the slots in ``evict [b, kv_heads, used]`` as free (they leave at the next :meth:`compact`)."""
+        self.alive[:, :, : self.used] &= ~evict
+
+    def kept(self) -> Tensor:
+        """Pairs held per row: long ``[b, kv_heads]``."""
+        return self.alive[:, :, : self.used].sum(-1)
+
+    def compact(self) -> None:
+        """Pack every row's live pairs to the front and trim the storage to the longest row (plus no headroom)."""
+        if not self.is_initialized:
+            return
+        n = self.used
+        keys, values, positions, scores, lengths = compact(
+            self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :, :n], self.scores[:, :, :n],
+            self.alive[:, :, :n],
+        )
+        self.keys, self.values, self.positions, self.scores = keys, values, positions, scores
+        self.used = keys.shape[2]
+        self.alive = torch.arange(self.used, device=self.device) < lengths[..., None]
+
+    def bytes_held(self) -> int:
+        """Bytes of every tensor this layer holds (keys, values, positions, scores, alive; padding included)."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores, self.alive))
+
+    def get_seq_length(self) -> int:
+        raise NotImplementedError("ask the CompactCache: a compacted layer does not know the true sequence length")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        raise NotImplementedError("ask the CompactCache: a compacted layer does not know the true sequence length")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search over a compacted cache is not supported; use greedy decoding")
+
+
+@dataclass
+class Step:
+    """The tokens of the forward in progress: ``positions [b, q]`` (long) and ``valid [b, q]`` (False on padding)."""
+
+    positions: Tensor
+    valid: Tensor
+
+
+@dataclass
+class Compression:
+    """Achieved compression: the fraction of KV pairs evicted among all real tokens seen (prompt and generated).
+
+    ``per_layer_head [layers, kv_heads]`` and ``per_row [b]`` are fractions; ``overall`` pools every pair.
+    """
+
+    overall: float
+    per_layer_head: Tensor
+    per_row: Tensor
+
+
+class CompactCache(Cache):
+    """A transformers ``Cache`` whose layers are :class:`CompactLayer` (per-head compacted storage).
+
+    Use it inside :func:`kvzap_lab.engine.evicting`, which announces each forward with :meth:`begin_step` and
+    routes attention through the per-head masks. ``seen`` is the true sequence length (tokens fed, padding
+    included), ``real_seen [b]`` the non-padding tokens of each row.
+    """
+
+    def __init__(self, n_layers: int):
+        super().__init__(layers=[CompactLayer() for _ in range(n_layers)])
+        self.seen = 0
+        self.real_seen: Tensor | None = None
+        self.step: Step | None = None
+
+    def begin_step(self, positions: Tensor, valid: Tensor) -> None:
+        """Announce the ``q`` new tokens of the next forward: ``positions [b, q]``, ``valid [b, q]`` bool."""
+        if self.step is not None:
+            raise RuntimeError("CompactCache.begin_step called twice without end_step (a forward did not finish)")
+        if self.real_seen is None:
+            self.real_seen = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+        elif self.real_seen.shape[0] != valid.shape[0]:
+            raise ValueError(f"this cache holds a batch of {self.real_seen.shape[0]} rows; got {valid.shape[0]} new rows")
+        self.step = Step(positions=positions, valid=valid)
+
+    def end_step(self) -> None:
+        """Account the tokens of the finished forward into ``seen`` and ``real_seen``."""
+        self.seen += self.step.valid.shape[1]
+        self.real_seen += self.step.valid.sum(1)
+        self.step = None
+
+    def next_positions(self, valid: Tensor) -> Tensor:
+        """Default positions of new tokens ``[b, q]``: each row counts its real tokens only (left padding ignored)."""
+        real = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device) if self.real_seen is None else self.real_seen
+        return (real[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if self.step is None:
+            raise RuntimeError(
+                "a CompactCache must be used inside `with kvzap_lab.engine.evicting(model, policy):`, which announces "
+                "the positions and padding of every forward"
+            )
+        return self.layers[layer_idx].update(
+            key_states, value_states, positions=self.step.positions, valid=self.step.valid
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def compact(self) -> None:
+        """Compact every layer (see :meth:`CompactLayer.compact`)."""
+        for layer in self.layers:
+            layer.compact()
+
+    def bytes_held(self) -> int:
+        """Bytes held by all layers (pairs kept, their positions, scores and flags, and padding slots)."""
+        return sum(layer.bytes_held() for layer in self.layers)
+
+    def full_bytes(self) -> int:
+        """Bytes a full (uncompressed) cache of the same tokens would hold: keys and values of every token fed."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b, h, _, d = layer.keys.shape
+                total += b * h * self.seen * (d + layer.values.shape[-1]) * layer.keys.element_size()
+        return total
+
+    def compression(self) -> Compression:
+        """The achieved :class:`Compression` so far (0 before any token)."""
+        if self.real_seen is None or not self.layers[0].is_initialized:
+            return Compression(0.0, torch.zeros(len(self.layers), 0), torch.zeros(0))
+        kept = torch.stack([layer.kept() for layer in self.layers]).double()  # [layers, b, h]
+        real = self.real_seen.double()
+        n_layers, _, h = kept.shape
+        per_layer_head = 1.0 - kept.sum(1) / real.sum().clamp_min(1)
+        per_row = 1.0 - kept.sum((0, 2)) / (real * n_layers * h).clamp_min(1)
+        overall = 1.0 - kept.sum().item() / max(real.sum().item() * n_layers * h, 1)
+        return Compression(overall=overall, per_layer_head=per_layer_head.cpu(), per_row=per_row.cpu())

@@ -1,0 +1,271 @@
+"""The eviction engine: apply any policy to any supported HF model, during prefill and decoding, with real eviction.
+
+``with evicting(model, policy) as run:`` makes plain ``model(...)`` forward calls use a :class:`CompactCache`
+(created on the first call, or pass ``cache=run.new_cache()``), and :func:`generate` is a batched greedy decode
+loop with chunked prefill built on it. Semantics are DMS/KVzap's:
+
+- every new token (prefill chunk or decode step) is scored when it arrives, from the hidden state entering each
+  attention layer and its keys/values/positions; the score is stored with the pair (a scorer with
+  ``accumulates_attention`` also gets, at every step, the attention mass the pair receives, summed over the
+  query heads of its KV group);
+- after each forward, the pairs that left the sliding window (``rule.window`` most recent tokens of the row) and
+  are not sinks (``rule.sinks`` first tokens) are offered to ``rule.keep``; the rest are evicted. The token just
+  decoded is never offered;
+- evicted pairs leave the attention at once (masked) and the storage at the next compaction (after every
+  multi-token forward and every ``compact_every`` decode steps), which keeps the per-step work small.
+
+Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
+layer's sliding window, if any). New tokens get their true positions: each row counts its real tokens, so left
+padding is ignored, as in ``model.generate``. ``policy=None`` runs the same engine as a full cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.cache_utils import Cache
+
+from kvzap_lab.cache import CompactCache, Compression
+from kvzap_lab.model import UnsupportedModelError, attention_override, capture_attention_inputs, describe
+from kvzap_lab.policy import Policy
+
+DEFAULT_CHUNK = 128
+DEFAULT_COMPACT_EVERY = 32
+
+
+def check_policy(model: nn.Module, policy: Policy | None) -> None:
+    """Raise a clear error for a policy the engine cannot run on ``model``.
+
+    Checks: window and sinks are ints >= 0; thresholds (``rule.tau``) are finite; a trained scorer matches the
+    model (its ``check_model``).
+    """
+    if policy is None:
+        return
+    rule = policy.rule
+    for name in ("window", "sinks"):
+        value = getattr(rule, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"policy {policy.name!r}: rule.{name} must be an int >= 0; got {value!r}")
+    tau = getattr(rule, "tau", None)
+    if tau is not None and not torch.isfinite(torch.as_tensor(tau, dtype=torch.float64)).all():
+        raise ValueError(
+            f"policy {policy.name!r}: every threshold tau must be finite; got {tau!r} "
+            "(for a full cache, pass policy=None)"
+        )
+    if hasattr(policy.scorer, "check_model"):
+        policy.scorer.check_model(model)
+
+
+@dataclass
+class EvictionRun:
+    """What ``with evicting(model, policy) as run`` yields: ``run.cache`` is the cache of the latest forward."""
+
+    model: nn.Module
+    policy: Policy | None
+    compact_every: int
+    cache: CompactCache | None = None
+    _since_compact: int = field(default=0, repr=False)
+
+    def new_cache(self) -> CompactCache:
+        """A fresh, empty :class:`CompactCache` for this model."""
+        return CompactCache(describe(self.model).n_layers)
+
+
+def _new_tokens(args: tuple, kwargs: dict) -> Tensor:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return ids if ids is not None else kwargs["inputs_embeds"]
+
+
+def _begin_forward(run: EvictionRun, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the decoder: pick the cache, announce the new tokens, set their true positions."""
+    tokens = _new_tokens(args, kwargs)
+    b, q = tokens.shape[:2]
+    cache = kwargs.pop("past_key_values", None)
+    cache = kwargs.get("cache") if cache is None else cache
+    if cache is None or (not isinstance(cache, CompactCache) and cache.get_seq_length() == 0):
+        cache = run.new_cache()
+    if not isinstance(cache, CompactCache):
+        raise UnsupportedModelError(
+            f"inside evicting() the cache must be a CompactCache; got a {type(cache).__name__} already holding "
+            f"{cache.get_seq_length()} tokens"
+        )
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        valid = torch.ones(b, q, dtype=torch.bool, device=tokens.device)
+    elif mask.dim() == 2 and mask.shape == (b, cache.seen + q):
+        valid = mask[:, -q:].bool()
+    else:
+        raise ValueError(
+            f"attention_mask must be 2-D [batch, past + new tokens] = [{b}, {cache.seen + q}] (1 = real token, "
+            f"0 = left padding); got {tuple(mask.shape)}"
+        )
+    positions = kwargs.get("position_ids")
+    positions = cache.next_positions(valid) if positions is None else positions.expand(b, q).long()
+    cache.begin_step(positions, valid)
+    # The engine builds its own masks: a placeholder 4-D mask makes transformers skip building one.
+    kwargs.update(cache=cache, position_ids=positions, attention_mask=tokens.new_ones(b, 1, q, 1, dtype=torch.bool))
+    run.cache = cache
+    return args, kwargs
+
+
+def _attend(run: EvictionRun, hidden: dict[int, Tensor]):
+    """The attention override: exact attention over the compacted cache, then scoring of the new pairs."""
+    scorer = None if run.policy is None else run.policy.scorer
+    accumulates = bool(getattr(scorer, "accumulates_attention", False))
+
+    def attend(module, query, key, value, attention_mask, base, **kwargs):
+        cache, layer_idx = run.cache, module.layer_idx
+        layer, step = cache.layers[layer_idx], cache.step
+        b, n_heads, q, d = query.shape
+        kv_heads, n = key.shape[1], key.shape[2]
+        group = n_heads // kv_heads
+        mask = layer.mask(step.positions, kwargs.get("sliding_window"))  # [b, kv_heads, q or 1, n]
+        if q > 1:  # the queries of a KV group share its mask: [b, kv_heads, group * q, n]
+            mask = mask[:, :, None].expand(b, kv_heads, group, q, n).reshape(b, kv_heads, group * q, n)
+        grouped = query.reshape(b, kv_heads, group * q, d)
+        scale = kwargs.get("scaling")
+        if scorer is not None:
+            new = scorer.score(
+                hidden[layer_idx], layer_idx, keys=key[:, :, n - q :], values=value[:, :, n - q :], positions=step.positions
+            )
+            if new.shape != (b, kv_heads, q):
+                raise ValueError(
+                    f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {layer_idx}; "
+                    f"expected [batch, kv_heads, new tokens] = {[b, kv_heads, q]} (trained for another model?)"
+                )
+            layer.scores[:, :, n - q : n] = new
+        if accumulates:
+            logits = grouped @ key.transpose(-1, -2) * (scale if scale is not None else d**-0.5)
+            weights = logits.masked_fill(~mask, -math.inf).softmax(-1)
+            out = weights @ value
+            layer.scores[:, :, :n] += weights.sum(2).float()
+        else:
+            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+        return out.view(b, n_heads, q, d).transpose(1, 2), None
+
+    return attend
+
+
+def _end_forward(run: EvictionRun) -> None:
+    """Forward hook of the decoder: offer the pairs that left the window to the rule, evict, maybe compact."""
+    cache, policy = run.cache, run.policy
+    step = cache.step
+    if policy is not None:
+        rule = policy.rule
+        last = step.positions[:, -1]
+        for idx, layer in enumerate(cache.layers):
+            candidates = layer.evictable(last, rule.window, rule.sinks)
+            keep = rule.keep(layer.scores[:, :, : layer.used], idx, candidates)
+            layer.drop(candidates & ~keep)
+    multi_token = step.valid.shape[1] > 1
+    cache.end_step()
+    run._since_compact += 1
+    if policy is not None and (multi_token or run._since_compact >= run.compact_every):
+        cache.compact()
+        run._since_compact = 0
+
+
+@contextlib.contextmanager
+def evicting(model: nn.Module, policy: Policy | None, *, compact_every: int = DEFAULT_COMPACT_EVERY) -> Iterator[EvictionRun]:
+    """Run ``model`` with real KV eviction by ``policy`` inside the block (``None``: full cache, same engine).
+
+    Forward calls get a :class:`CompactCache` (a new one when they pass none or an empty one); a 2-D
+    ``attention_mask`` must cover past and new tokens, left padding marked 0. Yields an :class:`EvictionRun`
+    whose ``cache`` gives ``compression()`` and ``bytes_held()``. Restores the model on exit.
+    """
+    describe(model)  # raises UnsupportedModelError for an unsupported architecture
+    check_policy(model, policy)
+    if not isinstance(compact_every, int) or compact_every < 1:
+        raise ValueError(f"compact_every must be an int >= 1 (decode steps between compactions); got {compact_every!r}")
+    run = EvictionRun(model=model, policy=policy, compact_every=compact_every)
+    decoder = model.model
+    with contextlib.ExitStack() as stack:
+        hidden = stack.enter_context(capture_attention_inputs(model)) if policy is not None else {}
+        stack.enter_context(attention_override(model, _attend(run, hidden)))
+        handles = [
+            decoder.register_forward_pre_hook(lambda m, a, k: _begin_forward(run, a, k), with_kwargs=True),
+            decoder.register_forward_hook(lambda m, a, k, out: _end_forward(run), with_kwargs=True),
+        ]
+        stack.callback(lambda: [h.remove() for h in handles])
+        yield run
+
+
+@dataclass
+class Generation:
+    """Result of :func:`generate`: the greedy tokens of each row (cut after its first end token) and the cache
+    statistics at the end (:class:`Compression`, bytes held and bytes a full cache would hold)."""
+
+    tokens: list[list[int]]
+    compression: Compression
+    bytes_held: int
+    full_bytes: int
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists into ``ids [b, n]`` and ``attention_mask [b, n]`` (1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, width - len(row) :] = torch.as_tensor(list(row))
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: Tensor | Sequence[Sequence[int]],
+    policy: Policy | None,
+    max_new_tokens: int,
+    *,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    compact_every: int = DEFAULT_COMPACT_EVERY,
+) -> Generation:
+    """Greedy batched generation with eviction by ``policy`` (``None``: full cache).
+
+    ``prompts`` is ``ids [b, n]`` (left-padded, with ``attention_mask``) or a list of token lists (padded here).
+    The prompt is prefilled in chunks of ``chunk_size`` tokens (eviction runs after each chunk); each row stops
+    at its first ``eos_token_id`` (default: the model's), which is included in its tokens.
+    """
+    if max_new_tokens < 1 or chunk_size < 1:
+        raise ValueError(f"max_new_tokens and chunk_size must be >= 1; got {max_new_tokens}, {chunk_size}")
+    device = next(model.parameters()).device
+    if not isinstance(prompts, Tensor):
+        prompts, attention_mask = left_pad(prompts, model.config.pad_token_id or 0, device)
+    ids = prompts.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = torch.as_tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
+    with evicting(model, policy, compact_every=compact_every) as run:
+        cache = run.new_cache()
+        for start in range(0, ids.shape[1], chunk_size):
+            end = min(start + chunk_size, ids.shape[1])
+            logits = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], cache=cache, logits_to_keep=1).logits
+        steps, done = [], torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            steps.append(token)
+            done |= torch.isin(token, eos)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = model(input_ids=token[:, None], cache=cache).logits
+    tokens = []
+    for row in torch.stack(steps, 1).tolist():
+        cut = next((j + 1 for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
+        tokens.append(row[:cut])
+    return Generation(tokens, cache.compression(), cache.bytes_held(), cache.full_bytes())
+
+
+def full_cache_bytes(cache: Cache) -> int:
+    """Bytes of keys and values held by a transformers cache (e.g. a ``DynamicCache``), for comparisons."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)

@@ -1,0 +1,218 @@
+"""The eviction engine: exact attention over the compacted cache, DMS semantics, batching, bad input."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kvzap_lab.engine import evicting, generate, left_pad
+from kvzap_lab.model import UnsupportedModelError, attention_override, describe, random_tiny_model
+from kvzap_lab.policy import Policy, Threshold, TopK
+
+WINDOW, SINKS, CHUNK = 8, 2, 16
+
+
+@dataclass
+class TableScorer:
+    """Fixed random scores by (layer, KV head, position): a fixed random keep decision for ``Threshold(0)``."""
+
+    table: torch.Tensor  # [layers, kv_heads, max_positions]
+    accumulates_attention = False
+
+    def score(self, hidden, layer, *, keys=None, values=None, positions=None):
+        b, t = positions.shape
+        return self.table[layer][:, positions.reshape(-1)].reshape(-1, b, t).transpose(0, 1)
+
+
+def table_policy(model, seed=0, window=WINDOW, sinks=SINKS):
+    spec = describe(model)
+    table = torch.randn(spec.n_layers, spec.n_kv_heads, spec.max_positions, generator=torch.Generator().manual_seed(seed))
+    return Policy("table", TableScorer(table), Threshold(tau=0.0, window=window, sinks=sinks))
+
+
+def masked_reference(model, ids, mask, policy, chunk, decode_tokens):
+    """Full-cache forwards (DynamicCache) where each layer's mask hides the pairs the policy evicts.
+
+    Evicted before a forward: real pairs with position <= (row's last position so far) - window, not sinks,
+    whose fixed score is < 0. Returns the logits of every forward.
+    """
+    spec = describe(model)
+    table, window, sinks = policy.scorer.table, policy.rule.window, policy.rule.sinks
+    all_ids = torch.cat([ids, decode_tokens], 1)
+    valid = torch.cat([mask.bool(), torch.ones_like(decode_tokens, dtype=torch.bool)], 1)
+    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+    b, n = all_ids.shape
+    bounds = list(range(0, ids.shape[1], chunk)) + list(range(ids.shape[1], n)) + [n]
+    masks = {}
+
+    def layer_fn(layer):
+        def fn(module, query, key, value, attention_mask, base, **kwargs):
+            return base(module, query, key, value, masks[layer], **kwargs)
+
+        return fn
+
+    cache, out = None, []
+    with attention_override(model, {i: layer_fn(i) for i in range(spec.n_layers)}), torch.no_grad():
+        for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            real_before = valid[:, :start].sum(1)
+            last = (real_before - 1).clamp_min(0)  # last position of the previous forward
+            pos_k = positions[:, :end]
+            old_enough = (pos_k <= (last - max(window, 1))[:, None]) & (pos_k >= sinks) & (torch.arange(end) < start)
+            causal = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]  # [q, kv]
+            for layer in range(spec.n_layers):
+                keep = table[layer][:, pos_k] >= 0  # [kv_heads, b, kv]
+                evicted = old_enough[None] & ~keep
+                allowed = valid[None, :, None, :end] & ~evicted[:, :, None, :] & causal[None, None]  # [h, b, q, kv]
+                allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding queries: finite garbage
+                masks[layer] = allowed.transpose(0, 1).repeat_interleave(spec.group_size, 1)
+            res = model(all_ids[:, start:end], position_ids=positions[:, start:end], cache=cache, use_cache=True)
+            cache = res.cache
+            out.append(res.logits)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_compacted_cache_matches_masked_full_cache(model_type):
+    model = random_tiny_model(model_type, seed=1)
+    policy = table_policy(model)
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, 128, (70,), generator=gen).tolist(), torch.randint(3, 128, (41,), generator=gen).tolist()]
+    ids, mask = left_pad(rows, 0)
+    decode_tokens = torch.randint(3, 128, (2, 55), generator=gen)
+    reference = masked_reference(model, ids, mask, policy, CHUNK, decode_tokens)
+
+    got = []
+    with evicting(model, policy, compact_every=7) as run, torch.no_grad():
+        cache = run.new_cache()
+        for start in range(0, ids.shape[1], CHUNK):
+            end = min(start + CHUNK, ids.shape[1])
+            got.append(model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache).logits)
+        for t in range(decode_tokens.shape[1]):
+            got.append(model(decode_tokens[:, t : t + 1], cache=cache).logits)
+    assert len(got) == len(reference) == math.ceil(70 / CHUNK) + 55
+    n_prefill = math.ceil(70 / CHUNK)
+    for s, (g, r) in enumerate(zip(got, reference)):
+        real = mask[:, s * CHUNK : (s + 1) * CHUNK].bool() if s < n_prefill else torch.ones(2, 1, dtype=torch.bool)
+        torch.testing.assert_close(g[real], r[real], atol=1e-5, rtol=0, msg=f"forward {s}")
+    # The pairs were really removed: about half of the evictable ones are gone, and the storage shrank.
+    compression = cache.compression()
+    assert 0.3 < compression.overall < 0.6
+    assert cache.bytes_held() < 0.85 * cache.full_bytes()
+    assert cache.compression().per_layer_head.shape == (2, 2)
+
+
+def held_positions(cache, layer, row, head):
+    lay = cache.layers[layer]
+    alive = lay.alive[row, head, : lay.used]
+    return sorted(lay.positions[row, head, : lay.used][alive].tolist())
+
+
+def test_sinks_window_and_current_token_are_never_evicted():
+    model = random_tiny_model("llama")
+    spec = describe(model)
+    low = torch.full((spec.n_layers, spec.n_kv_heads, spec.max_positions), -100.0)
+    policy = Policy("evict_all", TableScorer(low), Threshold(tau=0.0, window=5, sinks=3))
+    ids = torch.randint(3, 128, (1, 40))
+    with evicting(model, policy) as run, torch.no_grad():
+        out = model(ids)
+        for _ in range(4):
+            out = model(out.logits[:, -1:].argmax(-1), cache=out.cache)
+    expected = [0, 1, 2] + list(range(44 - 5, 44))
+    for layer in range(spec.n_layers):
+        for head in range(spec.n_kv_heads):
+            assert held_positions(run.cache, layer, 0, head) == expected
+    assert run.cache.compression().overall == pytest.approx(1 - 8 / 44)
+    # window=0 still keeps the token being decoded
+    policy0 = Policy("evict_all", TableScorer(low), Threshold(tau=0.0, window=0, sinks=0))
+    with evicting(model, policy0) as run, torch.no_grad():
+        out = model(ids)
+        model(out.logits[:, -1:].argmax(-1), cache=out.cache)
+    assert held_positions(run.cache, 0, 0, 0) == [40]
+
+
+def test_accumulated_attention_adds_the_attention_mass_of_each_kv_group():
+    model = random_tiny_model("llama", attn_implementation="eager")
+    spec = describe(model)
+
+    class Accumulating:
+        accumulates_attention = True
+
+        def score(self, hidden, layer, *, keys=None, values=None, positions=None):
+            return torch.zeros(keys.shape[:3])
+
+    policy = Policy("acc", Accumulating(), TopK(keep_ratio=1.0))
+    ids = torch.randint(3, 128, (1, 30))
+    with torch.no_grad():
+        weights = model(ids, output_attentions=True).attentions  # per layer [b, heads, q, kv]
+        with evicting(model, policy) as run:
+            out = model(ids[:, :20])
+            for t in range(20, 30):
+                out = model(ids[:, t : t + 1], cache=out.cache)
+    for layer in range(spec.n_layers):
+        expected = weights[layer].view(1, spec.n_kv_heads, spec.group_size, 30, 30).sum((2, 3))
+        lay = run.cache.layers[layer]
+        torch.testing.assert_close(lay.scores[:, :, : lay.used], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_full_cache_engine_matches_hf_generate_with_left_padding():
+    model = random_tiny_model("qwen3", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (33, 20, 27)]
+    ids, mask = left_pad(rows, 0)
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    result = generate(model, rows, None, 12, eos_token_id=[], chunk_size=8)
+    assert result.tokens == hf[:, ids.shape[1] :].tolist()
+    assert result.compression.overall == 0.0
+
+
+def test_batched_rows_evict_independently():
+    model = random_tiny_model("llama", seed=4)
+    policy = table_policy(model, seed=5, window=4, sinks=1)
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (50, 23)]
+    batched = generate(model, rows, policy, 15, eos_token_id=[], chunk_size=16)
+    for i, row in enumerate(rows):
+        alone = generate(model, [row], policy, 15, eos_token_id=[], chunk_size=16)
+        assert batched.tokens[i] == alone.tokens[0]
+        assert batched.compression.per_row[i].item() == pytest.approx(alone.compression.overall, abs=1e-9)
+    assert batched.compression.per_row[0] != batched.compression.per_row[1]
+
+
+def test_hf_generate_inside_evicting_uses_true_positions():
+    model = random_tiny_model("llama", seed=6)
+    policy = table_policy(model, seed=7)
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(3))
+    ours = generate(model, ids, policy, 10, eos_token_id=[], chunk_size=48)
+    with evicting(model, policy) as run, torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert hf[0, 48:].tolist() == ours.tokens[0]
+    assert run.cache.seen == 57 and run.cache.compression().overall > 0.2
+
+
+def test_bad_input_gets_clear_errors():
+    model = random_tiny_model("llama")
+    scorer = TableScorer(torch.zeros(2, 2, 1024))
+    with pytest.raises(ValueError, match="finite"):
+        with evicting(model, Policy("p", scorer, Threshold(tau=float("-inf")))):
+            pass
+    with pytest.raises(ValueError, match="window"):
+        with evicting(model, Policy("p", scorer, Threshold(tau=0.0, window=-1))):
+            pass
+    with pytest.raises(ValueError, match="expected"):
+        wrong_heads = TableScorer(torch.zeros(2, 3, 1024))
+        with evicting(model, Policy("p", wrong_heads, Threshold(tau=0.0))), torch.no_grad():
+            model(torch.randint(3, 128, (1, 5)))
+    with pytest.raises(ValueError, match="attention_mask must be 2-D"):
+        with evicting(model, Policy("p", scorer, Threshold(tau=0.0))), torch.no_grad():
+            model(torch.randint(3, 128, (1, 5)), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    gpt2 = torch.nn.Module()
+    gpt2.config = type("Config", (), {"model_type": "gpt2"})()
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        with evicting(gpt2, None):
+            pass
+    # The model is restored after an error inside the block.
+    assert model.config._attn_implementation == "sdpa"
