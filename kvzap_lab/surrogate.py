@@ -10,12 +10,14 @@ Subclasses implement ``_fit(X, y)``, ``_predict_layer(x [m, hidden] float32 tens
 
 from __future__ import annotations
 
-from typing import ClassVar
+from contextlib import contextmanager
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 from sklearn.base import BaseEstimator
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from kvzap_lab.policy import Threshold
@@ -53,6 +55,21 @@ def _as_numpy(a, name: str) -> np.ndarray:
         where = np.argwhere(bad)[0].tolist()
         raise ValueError(f"{name} contains {int(bad.sum())} NaN/inf values (first at index {where}); clean the dataset")
     return a
+
+
+@contextmanager
+def limited_threads(n: int | None) -> Iterator[None]:
+    """Run with at most ``n`` torch and OpenMP/BLAS threads (``None``: leave the defaults)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def projection_flops_per_token(config) -> int:
@@ -95,7 +112,8 @@ class TrainableScorer(BaseEstimator):
         self.trained_for_ = {"model_fingerprint": (manifest or {}).get("model_fingerprint")} | dict(
             n_layers=X.shape[1], hidden_size=X.shape[2], n_kv_heads=y.shape[2]
         )
-        self._fit(X, y)
+        with limited_threads(getattr(self, "n_threads", None)):
+            self._fit(X, y)
         return self
 
     def _check_fitted(self) -> None:

@@ -62,7 +62,8 @@ def predict_trees(trees: dict[str, np.ndarray], x: np.ndarray, chunk: int = 8192
 
 @register_policy("gbdt")
 class GBDTScorer(TrainableScorer):
-    """Boosted trees per layer and KV head, trained on at most ``max_rows`` seeded rows."""
+    """Boosted trees per layer and KV head, trained on at most ``max_rows`` seeded rows with ``n_threads`` OpenMP
+    threads (one avoids the huge slowdowns of OpenMP on busy machines; raise it on a dedicated many-core box)."""
 
     policy_name = "gbdt"
 
@@ -76,6 +77,7 @@ class GBDTScorer(TrainableScorer):
         max_features: float = 0.5,
         max_rows: int = 50_000,
         seed: int = 0,
+        n_threads: int = 1,
         verbose: bool = False,
     ):
         self.max_iter = max_iter
@@ -86,6 +88,7 @@ class GBDTScorer(TrainableScorer):
         self.max_features = max_features
         self.max_rows = max_rows
         self.seed = seed
+        self.n_threads = n_threads
         self.verbose = verbose
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:

@@ -30,7 +30,7 @@ def _forward_all_layers(weights: list, x: torch.Tensor) -> torch.Tensor:
 @register_policy("kvzap_mlp", "mlp")
 class KVzapMLP(KVzapLinear):
     """Per-layer MLP scorer; ``width`` defaults to hidden/8, ``depth`` is the number of hidden layers;
-    ``n_threads`` is the torch thread count while training."""
+    ``n_threads`` is the thread count while training (one is fastest for these small matmuls)."""
 
     policy_name = "kvzap_mlp"
 
@@ -72,14 +72,6 @@ class KVzapMLP(KVzapLinear):
         return weights
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.n_threads)  # tiny matmuls: one thread is fastest (and immune to contention)
-        try:
-            self._train(X, y)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _train(self, X: np.ndarray, y: np.ndarray) -> None:
         if self.depth < 1 or not 0 < self.validation_fraction < 1 or self.batch_size < 1:
             raise ValueError(
                 f"need depth >= 1, 0 < validation_fraction < 1, batch_size >= 1; got depth={self.depth}, "
