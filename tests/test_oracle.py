@@ -1,0 +1,206 @@
+"""The KVzip+ oracle against a brute-force reference built from eager attention weights."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from kvzap_lab import oracle
+from kvzap_lab.model import capture_attention_inputs, describe, load_model, output_projection_per_head
+from kvzap_lab.model import random_tiny_model
+from kvzap_lab.oracle import RepeatTemplate, decode_oracle_scores, oracle_scores, repeat_prompt, score_contexts
+
+TEMPLATE = RepeatTemplate(prefix=(1, 5), middle=(7, 8, 9, 10))
+
+
+def random_ids(n, seed, vocab=128):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def eager_twin(model):
+    """The same weights with eager attention (the reference never touches the oracle's attention code)."""
+    twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="eager", dtype=torch.float32)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def reference_raw(eager, sequence, context_span, query_span, normalize):
+    """max over queries in ``query_span`` and heads of a_ji * ||W_O,h v_i|| / ||h_j|| for keys in ``context_span``,
+    from the eager attention weights of one forward over ``sequence``: ``[layers, kv_heads, n]`` (not logged)."""
+    spec = describe(eager)
+    ids = torch.tensor([sequence])
+    cache = DynamicCache()
+    with torch.no_grad(), capture_attention_inputs(eager) as hidden:
+        out = eager(ids, output_attentions=True, use_cache=True, cache=cache)
+    c0, c1 = context_span
+    q0, q1 = query_span
+    layers = []
+    for layer, weights in enumerate(out.attentions):
+        module = eager.model.layers[layer].self_attn
+        w_o = output_projection_per_head(module, spec.n_heads, spec.head_dim)
+        values = cache.layers[layer].values[0]  # [kv_heads, t, d]
+        h_norm = hidden[layer][0].norm(dim=-1)  # [t]
+        per_head = []
+        for h in range(spec.n_heads):
+            g = h // spec.group_size
+            a = weights[0, h, q0:q1, c0:c1]  # [queries, n]
+            if normalize:
+                v_norm = (values[g, c0:c1] @ w_o[h].T).norm(dim=-1)  # [n]
+                a = a * v_norm[None, :] / h_norm[q0:q1, None]
+            per_head.append(a.max(dim=0).values)
+        per_head = torch.stack(per_head).view(spec.n_kv_heads, spec.group_size, -1)
+        layers.append(per_head.max(dim=1).values)
+    return torch.stack(layers)
+
+
+def reference_scores(eager, template, context, normalize=True, chunk_size=None, anchor=oracle.DEFAULT_ANCHOR):
+    """Log oracle scores by brute force: one eager forward per repeated chunk, max over chunks."""
+    prefix, middle = list(template.prefix), list(template.middle)
+    size = chunk_size or len(context)
+    chunks = [context[i : i + size] for i in range(0, len(context), size)]
+    best = None
+    for k, chunk in enumerate(chunks):
+        lead = middle + (chunks[k - 1][-anchor:] if k > 0 else [])
+        sequence = prefix + context + lead + chunk
+        start = len(prefix) + len(context) + len(lead)
+        raw = reference_raw(eager, sequence, (len(prefix), len(prefix) + len(context)), (start, len(sequence)), normalize)
+        best = raw if best is None else torch.maximum(best, raw)
+    return best.log()
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    model, tokenizer = load_model("testbed", device="cpu", dtype=torch.float32)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_eager_reference_on_random_gqa_models(model_type, normalize):
+    model = random_tiny_model(model_type, seed=3)
+    assert describe(model).group_size == 2 and model.config._attn_implementation == "sdpa"
+    context = random_ids(37, seed=1)
+    expected = reference_scores(eager_twin(model), TEMPLATE, context, normalize)
+    for chunk_size in (None, 64):
+        got = oracle_scores(model, TEMPLATE, context, normalize=normalize, chunk_size=chunk_size)
+        assert got.shape == (2, 2, 37) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    chunked = oracle_scores(model, TEMPLATE, context, normalize=normalize)  # one chunk: same as unchunked
+    unchunked = oracle_scores(model, TEMPLATE, context, normalize=normalize, chunk_size=None)
+    torch.testing.assert_close(chunked, unchunked, atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == "sdpa"  # the override is undone
+
+
+def test_chunked_scores_match_the_chunked_reference():
+    model = random_tiny_model("llama", seed=4)
+    context = random_ids(50, seed=2)
+    expected = reference_scores(eager_twin(model), TEMPLATE, context, chunk_size=16, anchor=3)
+    got = oracle_scores(model, TEMPLATE, context, chunk_size=16, anchor=3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    unchunked = oracle_scores(model, TEMPLATE, context, chunk_size=None)
+    assert (got - unchunked).abs().max() > 1e-4  # chunking is a different (bounded-memory) oracle
+
+
+def test_query_blocks_do_not_change_scores(monkeypatch):
+    model = random_tiny_model("llama", seed=5)
+    context = random_ids(30, seed=3)
+    whole = oracle_scores(model, TEMPLATE, context)
+    monkeypatch.setattr(oracle, "BLOCK_ELEMENTS", 7)  # one query per block
+    torch.testing.assert_close(oracle_scores(model, TEMPLATE, context), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2048, 12])
+def test_padded_batch_equals_one_by_one(chunk_size):
+    model = random_tiny_model("qwen3", seed=6)
+    contexts = [random_ids(n, seed=n) for n in (9, 30, 21)]
+    batch = score_contexts(model, TEMPLATE, contexts, chunk_size=chunk_size, return_hidden=True)
+    for context, result in zip(contexts, batch):
+        alone = score_contexts(model, TEMPLATE, [context], chunk_size=chunk_size, return_hidden=True)[0]
+        assert result.scores.shape == (2, 2, len(context))
+        torch.testing.assert_close(result.scores, alone.scores, atol=1e-5, rtol=0)
+        assert result.hidden.shape == (len(context), 2, 64)
+        torch.testing.assert_close(result.hidden, alone.hidden, atol=1e-5, rtol=0)
+
+
+def test_hidden_is_the_attention_input_of_the_context_tokens():
+    model = random_tiny_model("llama", seed=7)
+    context = random_ids(20, seed=4)
+    result = score_contexts(model, TEMPLATE, [context], return_hidden=True, chunk_size=8)[0]
+    with torch.no_grad(), capture_attention_inputs(model) as hidden:
+        model(torch.tensor([list(TEMPLATE.prefix) + context]))
+    expected = torch.stack([hidden[i][0, 2:] for i in range(2)], dim=1)
+    torch.testing.assert_close(result.hidden, expected, atol=1e-5, rtol=0)
+
+
+def test_decode_oracle_scores_generated_tokens_of_the_whole_sequence():
+    model = random_tiny_model("llama", seed=8)
+    prompt, generated = random_ids(25, seed=5), random_ids(6, seed=6)
+    got = decode_oracle_scores(model, TEMPLATE, prompt, generated)
+    assert got.shape == (2, 2, 6)
+    expected = reference_scores(eager_twin(model), TEMPLATE, prompt + generated)[..., 25:]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="generated_ids is empty"):
+        decode_oracle_scores(model, TEMPLATE, prompt, [])
+
+
+def test_bad_input_is_named():
+    model = random_tiny_model("llama", max_position_embeddings=64)
+    with pytest.raises(ValueError, match="context 0 is empty"):
+        oracle_scores(model, TEMPLATE, [])
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 128\)"):
+        oracle_scores(model, TEMPLATE, [5, 300])
+    with pytest.raises(ValueError, match="needs 66 positions .* covers 64 .* pass chunk_size"):
+        oracle_scores(model, TEMPLATE, random_ids(30, 0), chunk_size=None)
+    # chunking handles a context whose repeat prompt is longer than the model's positions
+    assert torch.isfinite(oracle_scores(model, TEMPLATE, random_ids(40, 0), chunk_size=10)).all()
+    with pytest.raises(ValueError, match="needs 74 positions .* covers 64 .* smaller chunk_size"):
+        oracle_scores(model, TEMPLATE, random_ids(50, 0), chunk_size=10)
+    with pytest.raises(TypeError, match="needs a tokenizer"):
+        oracle_scores(model, TEMPLATE, "some text")
+
+
+def test_testbed_repeat_prompt_is_the_copy_task_prompt(testbed):
+    from kvzap_lab.tasks import make_samples
+
+    _, tokenizer = testbed
+    sample = make_samples("copy", tokenizer, 1, 64, seed=0)[0]
+    context = sample.input_ids[slice(*sample.context_span)]
+    prompt = repeat_prompt(tokenizer, context)
+    assert prompt.input_ids == sample.input_ids + context
+    assert prompt.input_ids[slice(*prompt.context_span)] == context
+    assert prompt.input_ids[slice(*prompt.repeat_span)] == context
+    text = tokenizer.decode(context)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text + oracle.INSTRUCTION}, {"role": "assistant", "content": text}],
+        tokenize=False,
+    )
+    assert rendered.startswith(tokenizer.decode(prompt.input_ids))
+
+
+def test_plain_concatenation_without_chat_template(testbed):
+    _, tokenizer = testbed
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    prompt = repeat_prompt(plain, [40, 41, 42])
+    middle = plain.encode(oracle.INSTRUCTION + "\n", add_special_tokens=False)
+    assert prompt.input_ids == [plain.bos_token_id, 40, 41, 42] + middle + [40, 41, 42]
+    assert prompt.context_span == (1, 4) and prompt.repeat_span == (4 + len(middle), 7 + len(middle))
+
+
+def test_testbed_matches_eager_reference(testbed):
+    model, tokenizer = testbed
+    from kvzap_lab.tasks import make_samples
+
+    sample = make_samples("single_needle", tokenizer, 1, 96, seed=1)[0]
+    context = sample.input_ids[slice(*sample.context_span)]
+    template = oracle.repeat_template(tokenizer)
+    eager = eager_twin(model)
+    for normalize in (True, False):
+        expected = reference_scores(eager, template, context, normalize)
+        chunked = oracle_scores(model, tokenizer, context, normalize=normalize)
+        unchunked = oracle_scores(model, tokenizer, context, normalize=normalize, chunk_size=None)
+        torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(unchunked, expected, atol=1e-5, rtol=0)
+    text_scores = oracle_scores(model, tokenizer, tokenizer.decode(context))
+    assert text_scores.shape[-1] == len(tokenizer.encode(tokenizer.decode(context), add_special_tokens=False))
