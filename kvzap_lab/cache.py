@@ -31,7 +31,7 @@ from kvzap_lab.kernels import compact
 # Slots are allocated in multiples of this, and at least this many are added when a layer grows.
 _SLOT_QUANTUM = 8
 # A growing layer gets this fraction of its live slots as headroom (geometric growth, amortised copies).
-_GROWTH = 0.125
+_GROWTH = 1 / 16
 
 
 def _round_up(n: int) -> int:

@@ -1,0 +1,125 @@
+"""CompactCache storage: appends, masks, eviction flags, compaction and the bytes it holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvzap_lab.cache import CompactCache
+
+B, H, D = 2, 3, 8
+
+
+def feed(cache: CompactCache, t: int, valid: torch.Tensor | None = None, seed: int = 0):
+    """Announce and append ``t`` tokens to every layer (random keys/values); return the keys written."""
+    valid = torch.ones(B, t, dtype=torch.bool) if valid is None else valid
+    cache.begin_step(cache.next_positions(valid), valid)
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, H, t, D, generator=gen)
+    for idx in range(len(cache.layers)):
+        cache.update(keys, -keys, idx)
+    return keys
+
+
+def test_append_reports_true_length_and_positions_skip_left_padding():
+    cache = CompactCache(n_layers=2)
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    feed(cache, 4, valid)
+    assert cache.step.positions.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    cache.end_step()
+    assert cache.get_seq_length() == 4 and cache.get_mask_sizes(1, 0) == (5, 0)
+    assert cache.real_seen.tolist() == [2, 4]
+    feed(cache, 1)
+    assert cache.step.positions.tolist() == [[2], [4]]
+    layer = cache.layers[0]
+    assert layer.alive[0, 0, : layer.used].tolist() == [False, False, True, True, True]
+
+
+def test_mask_is_causal_by_position_and_hides_evicted_pairs():
+    cache = CompactCache(n_layers=1)
+    feed(cache, 5)
+    cache.end_step()
+    layer = cache.layers[0]
+    layer.drop(torch.zeros(B, H, 5, dtype=torch.bool).index_fill_(2, torch.tensor([1]), True))
+    feed(cache, 3)
+    mask = layer.mask(cache.step.positions)
+    assert mask.shape == (B, H, 3, 8)
+    expected = [[1, 0, 1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1, 1, 0], [1, 0, 1, 1, 1, 1, 1, 1]]
+    assert mask[1, 2].int().tolist() == expected
+    # sliding-window layers only see the last `sliding_window` positions
+    windowed = layer.mask(cache.step.positions, sliding_window=3)
+    assert windowed[0, 0, 2].int().tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    # a single decode token sees every held pair
+    cache.end_step()
+    feed(cache, 1)
+    assert layer.mask(cache.step.positions)[0, 0, 0].int().tolist() == [1, 0, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_evictable_spares_sinks_and_window():
+    cache = CompactCache(n_layers=1)
+    feed(cache, 12)
+    layer = cache.layers[0]
+    candidates = layer.evictable(cache.step.positions[:, -1], window=4, sinks=2)
+    assert candidates[0, 0].nonzero().flatten().tolist() == list(range(2, 8))
+
+
+def test_compaction_keeps_order_and_trims_storage_to_the_longest_row():
+    cache = CompactCache(n_layers=1)
+    keys = feed(cache, 20)
+    cache.end_step()
+    layer = cache.layers[0]
+    gen = torch.Generator().manual_seed(1)
+    evict = torch.rand(B, H, 20, generator=gen) < 0.6
+    evict[0, 0] = True  # one row loses everything
+    layer.drop(evict)
+    before = layer.bytes_held()
+    cache.compact()
+    kept = ~evict
+    assert layer.used == layer.capacity == int(kept.sum(-1).max())
+    assert layer.bytes_held() < before
+    for b in range(B):
+        for h in range(H):
+            n = int(kept[b, h].sum())
+            assert layer.alive[b, h].tolist() == [True] * n + [False] * (layer.used - n)
+            torch.testing.assert_close(layer.keys[b, h, :n], keys[b, h, kept[b, h]])
+            torch.testing.assert_close(layer.values[b, h, :n], -keys[b, h, kept[b, h]])
+            assert layer.positions[b, h, :n].tolist() == kept[b, h].nonzero().flatten().tolist()
+    # appending after compaction continues at the true positions
+    feed(cache, 1)
+    assert layer.positions[1, 1, layer.used - 1].item() == 20
+
+
+def test_bytes_held_follow_the_pairs_kept():
+    """Evict 75 % of every row as tokens stream in, compacting every 16 steps: the slots held beyond the longest
+    row are bounded (evicted-but-not-compacted slots plus geometric headroom), so from a few hundred tokens on
+    the bytes held stay within (1 - c) + 10 % of a full cache."""
+    cache = CompactCache(n_layers=2)
+    gen = torch.Generator().manual_seed(0)
+    excess = []
+    for step in range(600):
+        keys = torch.randn(B, H, 1, 64, generator=gen)
+        valid = torch.ones(B, 1, dtype=torch.bool)
+        cache.begin_step(cache.next_positions(valid), valid)
+        for idx in range(2):
+            cache.update(keys, keys, idx)
+        for layer in cache.layers:
+            newest = layer.positions[:, :, : layer.used] == step
+            old = layer.positions[:, :, : layer.used] == step - 8  # decided 8 tokens later (window)
+            layer.drop(old & (torch.rand(old.shape, generator=gen) < 0.75) & ~newest)
+        cache.end_step()
+        if step % 16 == 15:
+            cache.compact()
+        layer = cache.layers[0]
+        assert layer.capacity - int(layer.kept().max()) <= 16 + max(8, layer.capacity // 16) + 8
+        if step >= 400:
+            excess.append(cache.bytes_held() / cache.full_bytes() - (1 - cache.compression().overall))
+    c = cache.compression().overall
+    assert 0.7 < c < 0.76
+    assert max(excess) <= 0.10
+    assert cache.compression().per_row.shape == (B,)
+
+
+def test_update_outside_the_engine_is_refused():
+    cache = CompactCache(n_layers=1)
+    with pytest.raises(RuntimeError, match="evicting"):
+        cache.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), 0)
