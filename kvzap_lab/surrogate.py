@@ -11,6 +11,7 @@ Subclasses implement ``_fit(X, y)``, ``_predict_layer(x [m, hidden] float32 tens
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
 import numpy as np
@@ -27,6 +28,33 @@ MANIFEST_KEYS = ("model_fingerprint", "n_layers", "hidden_size", "n_kv_heads")
 
 class ModelMismatchError(ValueError):
     """A scorer, dataset or checkpoint was made for another model (fingerprint or shapes differ)."""
+
+
+@dataclass
+class Split:
+    """A train/test split of (hidden state, log-score) rows: the fields that training reads from a dataset.
+
+    ``X_* [n, layers, hidden]``, ``y_* [n, layers, kv_heads]``; ``manifest`` holds at least ``MANIFEST_KEYS``.
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    manifest: dict
+
+
+def synthetic_split(n: int = 5000, n_layers: int = 2, hidden: int = 24, n_kv_heads: int = 2, seed: int = 0,
+                    model_fingerprint: str = "synthetic-model") -> Split:
+    """A stand-in dataset for tests and benchmarks: per (layer, head) ``y = 2 tanh(2z) + z² - 6 + noise`` with
+    ``z`` a random projection of ``X ~ N(0, 1)``, so a linear scorer underfits and an MLP does well. 80/20 split."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, n_layers, hidden)).astype(np.float32)
+    z = np.einsum("nlh,lhk->nlk", X, rng.normal(size=(n_layers, hidden, n_kv_heads)) / np.sqrt(hidden))
+    y = (2 * np.tanh(2 * z) + z**2 - 6 + 0.1 * rng.normal(size=z.shape)).astype(np.float32)
+    cut = int(0.8 * n)
+    manifest = dict(model_fingerprint=model_fingerprint, n_layers=n_layers, hidden_size=hidden, n_kv_heads=n_kv_heads)
+    return Split(X[:cut], y[:cut], X[cut:], y[cut:], manifest)
 
 
 def check_training_data(X, y=None, manifest: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -1,7 +1,6 @@
 """Trainable scorers (ridge, MLP, boosted trees): fit quality, estimator contract, checkpoints, train CLI."""
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,32 +18,15 @@ from kvzap_lab.policies.gbdt import GBDTScorer, flatten_trees, predict_trees
 from kvzap_lab.policies.kvzap_linear import KVzapLinear
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import get_policy
-from kvzap_lab.surrogate import ModelMismatchError, projection_flops_per_token, r2_spearman_mse
+from kvzap_lab.surrogate import ModelMismatchError, projection_flops_per_token, r2_spearman_mse, synthetic_split
 
 N_LAYERS, HIDDEN, KV_HEADS = 2, 24, 2
 FAST_MLP = dict(epochs=10, batch_size=128, width=16)
 FAST_GBDT = dict(max_iter=15, max_rows=3000)
 
 
-@dataclass
-class Dataset:
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_test: np.ndarray
-    y_test: np.ndarray
-    manifest: dict
-
-
-def synthetic(n=5000, seed=0, hidden=HIDDEN, fingerprint_="synthetic-model") -> Dataset:
-    """y = a nonlinear function of one projection of X per (layer, head) plus noise; a linear fit is not enough."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, N_LAYERS, hidden)).astype(np.float32)
-    A = rng.normal(size=(N_LAYERS, hidden, KV_HEADS)) / np.sqrt(hidden)
-    z = np.einsum("nlh,lhk->nlk", X, A)
-    y = (2 * np.tanh(2 * z) + z**2 - 6 + 0.1 * rng.normal(size=z.shape)).astype(np.float32)
-    cut = int(0.8 * n)
-    manifest = {"model_fingerprint": fingerprint_, "n_layers": N_LAYERS, "hidden_size": hidden, "n_kv_heads": KV_HEADS}
-    return Dataset(X[:cut], y[:cut], X[cut:], y[cut:], manifest)
+def synthetic(n=5000, seed=0, hidden=HIDDEN, fingerprint_="synthetic-model"):
+    return synthetic_split(n, N_LAYERS, hidden, KV_HEADS, seed=seed, model_fingerprint=fingerprint_)
 
 
 @pytest.fixture(scope="module")

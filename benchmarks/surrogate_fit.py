@@ -1,0 +1,61 @@
+"""Linear vs MLP vs boosted-tree scorers on the same train/test split: held-out R², Spearman, training
+seconds, and scorer FLOPs per token as a fraction of the model's linear-projection FLOPs per token.
+
+    python benchmarks/surrogate_fit.py --data DATA_DIR [--model testbed] [--json]
+    python benchmarks/surrogate_fit.py --synthetic 50000          # no oracle dataset needed
+
+Every scorer is trained in this one run, on the same rows, so the time ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvzap_lab.model import load_model
+from kvzap_lab.surrogate import projection_flops_per_token, synthetic_split
+from kvzap_lab.train import _load_dataset, fit_and_evaluate
+
+SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="oracle dataset directory")
+    source.add_argument("--synthetic", type=int, metavar="N", help="use N synthetic rows (hidden 128, 4 layers, 2 KV heads)")
+    parser.add_argument("--model", help="model whose linear projections set the FLOPs baseline (e.g. testbed)")
+    parser.add_argument("--set", action="append", default=[], metavar="SCORER.KEY=VALUE", help="e.g. mlp.epochs=5")
+    parser.add_argument("--json", action="store_true", help="print all rows as JSON on the last line")
+    args = parser.parse_args(argv)
+
+    params = {name: dict(p) for name, p in SCORERS.items()}
+    for item in args.set:
+        target, _, value = item.partition("=")
+        name, _, key = target.partition(".")
+        params[name][key] = json.loads(value)
+    model = load_model(args.model)[0] if args.model else None
+    dataset = synthetic_split(args.synthetic, n_layers=4, hidden=128) if args.synthetic else _load_dataset(args.data, model=model)
+    baseline = projection_flops_per_token(model.config) if model is not None else None
+
+    rows = []
+    for name, p in params.items():
+        _, summary = fit_and_evaluate(name, dataset, p, model=model if args.data else None)  # synthetic rows fit no model
+        summary["flops_ratio"] = summary["flops_per_token"] / baseline if baseline else None
+        rows.append(summary)
+    fastest = min(r["train_seconds"] for r in rows)
+    print(f"{len(dataset.X_train)} train / {len(dataset.X_test)} test rows, {dataset.manifest['n_layers']} layers, "
+          f"hidden {dataset.manifest['hidden_size']}, {dataset.manifest['n_kv_heads']} KV heads")
+    print(f"{'scorer':>12} {'R2':>7} {'Spearman':>9} {'MSE':>8} {'train s':>8} {'x fastest':>9} {'FLOPs/tok':>10} {'% proj':>7}")
+    for r in rows:
+        ratio = f"{100 * r['flops_ratio']:7.3f}" if r["flops_ratio"] is not None else f"{'-':>7}"
+        print(f"{r['policy']:>12} {r['r2']:7.4f} {r['spearman']:9.4f} {r['mse']:8.4f} {r['train_seconds']:8.1f} "
+              f"{r['train_seconds'] / fastest:9.1f} {r['flops_per_token']:10d} {ratio}")
+    print("R² per layer: " + "; ".join(f"{r['policy']} " + " ".join(f"{v:.3f}" for v in r["per_layer"]["r2"]) for r in rows))
+    if args.json:
+        print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
