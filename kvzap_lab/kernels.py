@@ -430,7 +430,7 @@ def compact_triton(
     keep_bytes = keep.view(torch.uint8)
     block_n = block_n or 64
     n_blocks = triton.cdiv(max(capacity, out_capacity), block_n)
-    if b * h and n_blocks:
+    if b * h and out_capacity:  # nothing to write otherwise (and empty CUDA tensors have null pointers)
         with _device_guard(keys):
             _compact_kernel[(b * h, n_blocks)](
                 keys, values, positions, scores, keep_bytes, lengths,
