@@ -1,18 +1,17 @@
 """StreamingLLM: keep the attention sinks and the most recent tokens, evict everything else.
 
-The score is the absolute position (recency). Under the default rule (``tau = inf``) every pair that leaves the
-window is evicted, which is StreamingLLM with ``sinks + window`` tokens; under a :class:`TopK` budget the most
-recent pairs fill the budget, which is StreamingLLM at that budget.
+The score is the absolute position (recency). Under the default rule (``TopK(budget=0)``) every pair that leaves
+the window is evicted, which is StreamingLLM with ``sinks + window`` tokens; under ``TopK(budget=k)`` the ``k``
+most recent pairs beyond the window stay too, which is StreamingLLM with a window of ``window + k``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from kvzap_lab.policy import Threshold, register_policy
+from kvzap_lab.policy import TopK, register_policy
 
 
 @register_policy("streaming_llm")
@@ -21,7 +20,7 @@ class StreamingLLMScorer:
     """Scores ``[b, kv_heads, t]`` = absolute position of each new token."""
 
     accumulates_attention = False
-    default_rule = Threshold(tau=math.inf)
+    default_rule = TopK(budget=0)
 
     def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:
         if keys is None or positions is None:
