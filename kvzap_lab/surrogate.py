@@ -207,6 +207,6 @@ class TrainableScorer(BaseEstimator):
         from kvzap_lab.checkpoint import load_scorer
 
         scorer = load_scorer(path, model=model)
-        if not isinstance(scorer, cls):
+        if type(scorer) is not cls:
             raise TypeError(f"{path} holds a {type(scorer).__name__}, not a {cls.__name__}")
         return scorer

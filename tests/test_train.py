@@ -174,6 +174,8 @@ def test_scorer_refuses_another_model(tmp_path):
         linear.score(torch.randn(1, 5, 32), 0)
     with pytest.raises(TypeError, match="holds a KVzapLinear, not a GBDTScorer"):
         GBDTScorer.load(tmp_path / "ck")
+    with pytest.raises(TypeError, match="holds a KVzapLinear, not a KVzapMLP"):
+        get_policy("mlp", checkpoint=tmp_path / "ck")
 
 
 def test_flops_ratio_is_analytic():
