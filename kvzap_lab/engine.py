@@ -42,8 +42,9 @@ DEFAULT_COMPACT_EVERY = 32
 def check_policy(model: nn.Module, policy: Policy | None) -> None:
     """Raise a clear error for a policy the engine cannot run on ``model``.
 
-    Checks: window and sinks are ints >= 0; thresholds (``rule.tau``) are finite; a trained scorer matches the
-    model (its ``check_model``).
+    Checks: window and sinks are ints >= 0; a trained scorer matches the model (its ``check_model``). Infinite
+    thresholds are meaningful (``-inf`` keeps everything, ``+inf`` is StreamingLLM); NaN ones are refused by
+    :class:`~kvzap_lab.policy.Threshold` itself.
     """
     if policy is None:
         return
@@ -52,12 +53,6 @@ def check_policy(model: nn.Module, policy: Policy | None) -> None:
         value = getattr(rule, name, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"policy {policy.name!r}: rule.{name} must be an int >= 0; got {value!r}")
-    tau = getattr(rule, "tau", None)
-    if tau is not None and not torch.isfinite(torch.as_tensor(tau, dtype=torch.float64)).all():
-        raise ValueError(
-            f"policy {policy.name!r}: every threshold tau must be finite; got {tau!r} "
-            "(for a full cache, pass policy=None)"
-        )
     if hasattr(policy.scorer, "check_model"):
         policy.scorer.check_model(model)
 
@@ -230,12 +225,15 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     compact_every: int = DEFAULT_COMPACT_EVERY,
+    expected: Sequence[Sequence[int]] | None = None,
 ) -> Generation:
     """Greedy batched generation with eviction by ``policy`` (``None``: full cache).
 
     ``prompts`` is ``ids [b, n]`` (left-padded, with ``attention_mask``) or a list of token lists (padded here).
     The prompt is prefilled in chunks of ``chunk_size`` tokens (eviction runs after each chunk); each row stops
-    at its first ``eos_token_id`` (default: the model's), which is included in its tokens.
+    at its first ``eos_token_id`` (default: the model's), which is included in its tokens. With ``expected``
+    (reference tokens per row), a row also stops at its first token that differs from its reference: exact-match
+    scoring needs no more, and evaluation gets much cheaper.
     """
     if max_new_tokens < 1 or chunk_size < 1:
         raise ValueError(f"max_new_tokens and chunk_size must be >= 1; got {max_new_tokens}, {chunk_size}")
@@ -245,24 +243,32 @@ def generate(
     ids = prompts.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = torch.as_tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
+    eos = torch.as_tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=device)
+    b = ids.shape[0]
+    if expected is not None:  # right-padded with -1, which no token matches
+        expected_ids = torch.full((b, max_new_tokens), -1, dtype=torch.long)
+        for row, ref in enumerate(expected):
+            ref = list(ref)[:max_new_tokens]
+            expected_ids[row, : len(ref)] = torch.as_tensor(ref, dtype=torch.long)
+        expected_ids = expected_ids.to(device)
     with evicting(model, policy, compact_every=compact_every) as run:
         cache = run.new_cache()
         for start in range(0, ids.shape[1], chunk_size):
             end = min(start + chunk_size, ids.shape[1])
             logits = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], cache=cache, logits_to_keep=1).logits
-        steps, done = [], torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        steps = []
+        length = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
         for i in range(max_new_tokens):
             token = logits[:, -1].argmax(-1)
             steps.append(token)
-            done |= torch.isin(token, eos)
-            if i == max_new_tokens - 1 or bool(done.all()):
+            stop = torch.isin(token, eos)
+            if expected is not None:
+                stop |= token != expected_ids[:, i]
+            length = torch.where(stop & (length == max_new_tokens), i + 1, length)
+            if i == max_new_tokens - 1 or bool((length < max_new_tokens).all()):
                 break
             logits = model(input_ids=token[:, None], cache=cache).logits
-    tokens = []
-    for row in torch.stack(steps, 1).tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
-        tokens.append(row[:cut])
+    tokens = [row[:n] for row, n in zip(torch.stack(steps, 1).tolist(), length.tolist())]
     return Generation(tokens, cache.compression(), cache.bytes_held(), cache.full_bytes())
 
 

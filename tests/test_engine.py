@@ -196,9 +196,8 @@ def test_hf_generate_inside_evicting_uses_true_positions():
 def test_bad_input_gets_clear_errors():
     model = random_tiny_model("llama")
     scorer = TableScorer(torch.zeros(2, 2, 1024))
-    with pytest.raises(ValueError, match="finite"):
-        with evicting(model, Policy("p", scorer, Threshold(tau=float("-inf")))):
-            pass
+    with pytest.raises(ValueError, match="NaN"):
+        Threshold(tau=float("nan"))
     with pytest.raises(ValueError, match="window"):
         with evicting(model, Policy("p", scorer, Threshold(tau=0.0, window=-1))):
             pass
@@ -216,3 +215,15 @@ def test_bad_input_gets_clear_errors():
             pass
     # The model is restored after an error inside the block.
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_generation_stops_at_eos_and_at_the_first_mismatch_with_expected():
+    model = random_tiny_model("llama", seed=8)
+    rows = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 22)]
+    free = generate(model, rows, None, 12, eos_token_id=[])
+    eos = free.tokens[0][4]
+    stopped = generate(model, rows, None, 12, eos_token_id=eos)
+    assert stopped.tokens[0] == free.tokens[0][: free.tokens[0].index(eos) + 1]
+    expected = [free.tokens[0][:3] + [-5, 7], free.tokens[1]]
+    checked = generate(model, rows, None, 12, eos_token_id=[], expected=expected)
+    assert checked.tokens == [free.tokens[0][:4], free.tokens[1]]
