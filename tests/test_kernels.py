@@ -224,6 +224,38 @@ if not INTERPRETED:
         assert passed and int(passed.group(1)) >= 30 and "skipped" not in output, output
 
 
+    SCORER_TYPES = {"x_ptr": "*{dt}", "w1_ptr": "*{dt}", "b1_ptr": "*{dt}", "w2_ptr": "*{dt}", "partial_ptr": "*fp32"}
+    COMPILE_CASES = {  # what the block heuristic picks for decoding (t=1) and prefill (t>=64) on a GPU
+        "scorer-mlp-fp32-decode": ("_scorer_partial_kernel", SCORER_TYPES, "fp32", dict(IS_MLP=True, NATIVE_DOT=False, BLOCK_T=16, BLOCK_S=16, BLOCK_K=32, BLOCK_H=16)),
+        "scorer-mlp-bf16-prefill": ("_scorer_partial_kernel", SCORER_TYPES, "bf16", dict(IS_MLP=True, NATIVE_DOT=True, BLOCK_T=64, BLOCK_S=64, BLOCK_K=64, BLOCK_H=16)),
+        "scorer-linear-fp32-prefill": ("_scorer_partial_kernel", SCORER_TYPES, "fp32", dict(IS_MLP=False, NATIVE_DOT=False, BLOCK_T=64, BLOCK_S=32, BLOCK_K=32, BLOCK_H=16)),
+        "reduce-threshold": ("_reduce_threshold_kernel", {"partial_ptr": "*fp32", "bias_ptr": "*{dt}", "tau_ptr": "*fp32", "scores_ptr": "*fp32", "keep_ptr": "*u8"}, "bf16", dict(BLOCK_T=128, BLOCK_H=16)),
+        "compact-bf16": (
+            "_compact_kernel",
+            {"keys_ptr": "*{dt}", "values_ptr": "*{dt}", "pos_ptr": "*i64", "scores_ptr": "*fp32", "keep_ptr": "*u8", "lengths_ptr": "*i64",
+             "out_keys_ptr": "*{dt}", "out_values_ptr": "*{dt}", "out_pos_ptr": "*i64", "out_scores_ptr": "*fp32"},
+            "bf16",
+            dict(BLOCK_N=64, BLOCK_D=128),
+        ),
+    }  # fmt: skip
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("case", list(COMPILE_CASES))
+    def test_kernels_compile_for_a_gpu_without_one(case, tmp_path, monkeypatch):
+        """Ahead-of-time compilation for sm_90 (Triton ships ptxas): catches what the interpreter lets through
+        (types of loop-carried values, tl.dot shape limits, stores that need casts)."""
+        triton = pytest.importorskip("triton", reason="the optional dependency triton is not installed")
+        from triton.backends.compiler import GPUTarget
+
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+        name, pointer_types, dtype, constexprs = COMPILE_CASES[case]
+        fn = getattr(kernels, name)
+        signature = {arg: "constexpr" if arg in constexprs else pointer_types.get(arg, "i32").format(dt=dtype) for arg in fn.arg_names}
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_stages": 2})
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= 64 * 1024
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels through the interpreter (defined only in the TRITON_INTERPRET=1 subprocess)
 # ----------------------------------------------------------------------------------------------------------
