@@ -18,6 +18,9 @@ Tasks (``TASKS``):
 - ``variable_tracking``: "var X = NNNNN ." then chains "var Y = X ."; asked which variables hold NNNNN.
 - ``copy``: the KVzip pretext task: the context, an instruction to repeat it exactly, then the context.
 
+Answers restate the key before the value ("apple is 4821", "golden apple maps to 4821"), as a model answering
+in a sentence would; exact match needs the whole answer, so the value must be right.
+
 Scoring: exact match of the generated answer for every task but ``copy``, which is scored by token accuracy.
 """
 
@@ -196,12 +199,14 @@ def draw_task(task: str, encode: PieceEncoder, context_tokens: int, rng: random.
         values = [_number(rng, 4) for _ in keys]
         context, _ = build_context(encode, [needle(k, v) for k, v in zip(keys, values)], context_tokens, rng)
         asked = rng.randrange(count)
-        return context, f"what is the special magic number for {keys[asked]} ?", values[asked], {"keys": keys}
+        question = f"what is the special magic number for {keys[asked]} ?"
+        return context, question, f"{keys[asked]} is {values[asked]}", {"keys": keys}
     if task == "multi_value":
         key = rng.choice(KEYS)
         values = [_number(rng, 4) for _ in range(n_needles)]
         context, _ = build_context(encode, [needle(key, v) for v in values], context_tokens, rng)
-        return context, f"what are all the special magic numbers for {key} ?", " , ".join(values), {"keys": [key]}
+        question = f"what are all the special magic numbers for {key} ?"
+        return context, question, f"{key} is " + " , ".join(values), {"keys": [key]}
     if task == "kv_retrieval":
         # Facts alone, no filler: as many "ADJ KEY maps to NNNN ." lines as fit.
         line_tokens = len(encode(" golden apple maps to 1234 ."))
@@ -213,7 +218,7 @@ def draw_task(task: str, encode: PieceEncoder, context_tokens: int, rng: random.
         context, _ = build_context(encode, facts, context_tokens, rng, fill=False)
         (adj, key), value = rng.choice(list(pairs.items()))
         meta = {"pairs": [(f"{a} {k}", v) for (a, k), v in pairs.items()]}
-        return context, f"what does {adj} {key} map to ?", value, meta
+        return context, f"what does {adj} {key} map to ?", f"{adj} {key} maps to {value}", meta
     if task == "variable_tracking":
         names = rng.sample(VARIABLES, 2 * n_needles)
         chain, distractors = names[:n_needles], names[n_needles:]
@@ -251,6 +256,12 @@ def _definition_order(facts: list[str], rng: random.Random) -> list[int]:
     return order
 
 
+def encode_answer(encode: PieceEncoder, answer: str) -> list[int]:
+    """Answer ids as the model should produce them: a leading space (so words are the same tokens as in the
+    context), the answer, then the end-of-turn token."""
+    return encode(" " + answer) + [encode.special(END)]
+
+
 def make_samples(
     task: str,
     tokenizer,
@@ -284,7 +295,7 @@ def make_samples(
             answer_ids = list(context) + [encode.special(END)]
             answer = tokenizer.decode(context)
         else:
-            answer_ids = encode(answer) + [encode.special(END)]
+            answer_ids = encode_answer(encode, answer)
         samples.append(Sample(task, input_ids, span, question, answer, answer_ids, meta))
     return samples
 

@@ -56,6 +56,8 @@ class TrainConfig:
     intermediate_size: int = 512
     vocab_size: int = 768
     max_positions: int = 4096
+    max_context: int = 2048
+    init_from: str = ""
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -110,7 +112,7 @@ def _turn(encode, question: str, answer: str) -> tuple[list[int], list[int]]:
     end = encode.special(tasks.END)
     prompt = [encode.special(tasks.USER)] + encode("\n" + question) + [end] + encode("\n")
     prompt += [encode.special(tasks.ASSISTANT)] + encode("\n")
-    answer_ids = encode(answer) + [end]
+    answer_ids = tasks.encode_answer(encode, answer)
     return prompt + answer_ids + encode("\n"), [0] * len(prompt) + [1] * len(answer_ids) + [0]
 
 
@@ -123,7 +125,7 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
         return prompt + context + [end], [0] * len(prompt) + [1] * (len(context) + 1)
     if kind == "kv":
         context, _, _, meta = tasks.draw_task("kv_retrieval", encode, context_tokens, rng, 1)
-        questions = [(f"what does {key} map to ?", value) for key, value in meta["pairs"]]
+        questions = [(f"what does {key} map to ?", f"{key} maps to {value}") for key, value in meta["pairs"]]
         rng.shuffle(questions)
         questions = questions[:8]
     elif kind == "vars":
@@ -132,17 +134,19 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
     elif kind == "multi_value":
         context, question, answer, _ = tasks.draw_task("multi_value", encode, context_tokens, rng, rng.randint(2, 4))
         questions = [(question, answer)]
-    else:  # recall: several needles with distinct keys, several of them asked
-        count = rng.randint(1, 16)
+    else:  # recall: needles with distinct keys, several asked; dense_recall packs them with no filler between
+        dense = kind == "dense_recall"
+        needle_tokens = len(encode(" " + tasks.needle("apple", "1234")))
+        count = rng.randint(4, max(4, min(48, context_tokens // needle_tokens))) if dense else rng.randint(1, 16)
         keys = rng.sample(tasks.KEYS, count)
         values = [str(rng.randrange(1000, 10000)) for _ in keys]
         facts = [tasks.needle(k, v) for k, v in zip(keys, values)]
-        context, _ = tasks.build_context(encode, facts, context_tokens, rng)
-        asked = [rng.randrange(count) for _ in range(rng.randint(2, 8))]
-        questions = [(f"what is the special magic number for {keys[i]} ?", values[i]) for i in asked]
+        context, _ = tasks.build_context(encode, facts, context_tokens, rng, fill=not dense)
+        asked = [rng.randrange(count) for _ in range(rng.randint(4, 12) if dense else rng.randint(2, 8))]
+        questions = [(f"what is the special magic number for {keys[i]} ?", f"{keys[i]} is {values[i]}") for i in asked]
     first_q, first_a = questions[0]
     prompt, _ = tasks.chat_prompt(encode, context, first_q)
-    answer_ids = encode(first_a) + [end]
+    answer_ids = tasks.encode_answer(encode, first_a)
     ids = prompt + answer_ids + encode("\n")
     mask = [0] * len(prompt) + [1] * len(answer_ids) + [0]
     for question, answer in questions[1:]:
@@ -151,7 +155,7 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
     return ids, mask
 
 
-KINDS = {"recall": 0.40, "kv": 0.15, "multi_value": 0.10, "vars": 0.10, "copy": 0.25}
+KINDS = {"dense_recall": 0.3, "recall": 0.3, "kv": 0.1, "multi_value": 0.1, "vars": 0.05, "copy": 0.15}
 
 
 class BatchSource(torch.utils.data.Dataset):
@@ -168,7 +172,7 @@ class BatchSource(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int):
         rng = random.Random(f"train:{self.config.seed}:{step}")
-        unlocked = [n for n, at in CURRICULUM.items() if step >= at * self.config.steps]
+        unlocked = [n for n, at in CURRICULUM.items() if step >= at * self.config.steps and n <= self.config.max_context]
         length = unlocked[-1] if rng.random() < 0.5 else rng.choice(unlocked)
         seqs, masks, kinds = [], [], []
         budget = self.config.tokens_per_step
@@ -240,7 +244,16 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path = out.parent / (out.name + ".train_state.pt")
     tokenizer = train_tokenizer(config.vocab_size, config.seed)
-    model = build_model(config, tokenizer).to(device)
+    model = build_model(config, tokenizer)
+    history = []
+    if config.init_from:  # fine-tune: start from an earlier checkpoint's weights (same architecture)
+        from safetensors.torch import load_file
+
+        source = Path(config.init_from)
+        model.load_state_dict(load_file(source / "model.safetensors"), strict=False)
+        earlier = source / "training.json"
+        history = json.loads(earlier.read_text()).get("history", []) + [json.loads(earlier.read_text())] if earlier.exists() else []
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     start = 0
     if state_path.exists():
@@ -297,6 +310,7 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
         out_of_time = time_budget is not None and time.time() - began > time_budget
         if step % every == 0 or step == config.steps or out_of_time:
             meta = {"config": asdict(config), "step": step, "seconds": time.time() - began, "batch_accuracy": accuracy}
+            meta["history"] = [{k: v for k, v in h.items() if k != "history"} for h in history]
             _atomic_torch_save(
                 {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
                 state_path,
