@@ -18,6 +18,7 @@ order (~1e-6 relative). Compaction only moves data: both paths agree bitwise.
 
 import contextlib
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ def uses_triton(tensor: Tensor) -> bool:
 def _require_triton(tensor: Tensor, what: str) -> None:
     if triton is None:
         raise RuntimeError(f"{what} needs the optional dependency triton (pip install 'kvzap-lab[triton]'); use {what.replace('_triton', '_torch')} instead")
-    if not (tensor.is_cuda or INTERPRETED):
+    if not uses_triton(tensor):
         raise RuntimeError(
             f"{what} got tensors on {tensor.device}: Triton runs on CUDA tensors, or on CPU tensors only when "
             "TRITON_INTERPRET=1 is set before kvzap_lab.kernels is imported"
@@ -148,7 +149,7 @@ def _check_scorer_args(hidden: Tensor, weights: ScorerWeights, tau: float | Tens
         if not torch.isfinite(tau).all():
             raise ValueError(f"tau must be finite; got {tau.tolist()}")
         return tau.to(hidden.device, torch.float32).expand(n_heads).contiguous()
-    if not isinstance(tau, (int, float)) or not math.isfinite(tau):
+    if not isinstance(tau, numbers.Real) or not math.isfinite(tau):
         raise ValueError(f"tau must be a finite number or a per-head tensor [{n_heads}]; got {tau!r}")
     return torch.full((n_heads,), float(tau), device=hidden.device)
 
