@@ -1,0 +1,90 @@
+"""python -m kvzap_lab.evaluate: grid, scoring, resume, outputs and bad input, on a tiny random model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from kvzap_lab import evaluate, tasks
+from kvzap_lab.model import random_tiny_model
+from kvzap_lab.testbed import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tokenizer = train_tokenizer(vocab_size=300)
+    model = random_tiny_model(
+        "llama", seed=0, vocab_size=len(tokenizer), max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model, tokenizer
+
+
+def test_cell_accuracy_is_exact_match_of_greedy_answers(model_dir):
+    _, model, tokenizer = model_dir
+    samples = tasks.make_samples("kv_retrieval", tokenizer, 3, 40, seed=0)
+    end = tokenizer.convert_tokens_to_ids(tasks.END)
+    free = evaluate.generate(model, [s.input_ids for s in samples], None, 6, eos_token_id=[])
+    assert all(end not in row for row in free.tokens)
+    # The model's own greedy continuation is the reference answer of samples 0 and 2, not of sample 1.
+    answers = [free.tokens[0], [free.tokens[1][0] + 1] + free.tokens[1][1:], free.tokens[2]]
+    samples = [dataclasses.replace(s, answer_ids=a) for s, a in zip(samples, answers)]
+    result = evaluate.run_cell(model, None, samples, end, batch_size=2, chunk_size=16)
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert result["compression"] == 0.0
+
+
+def test_cli_runs_the_grid_resumes_and_plots(model_dir, tmp_path, capsys, monkeypatch):
+    path, _, _ = model_dir
+    out = tmp_path / "eval.jsonl"
+    argv = [
+        "--model", str(path), "--policies", "full", "oracle", "streaming_llm", "--taus", "-50", "50",
+        "--keep-ratios", "0.5", "--tasks", "single_needle", "--context-tokens", "48", "--n-samples", "3",
+        "--batch-size", "2", "--window", "4", "--sinks", "1", "--chunk-size", "16", "--out", str(out), "--json",
+    ]
+    assert evaluate.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = evaluate.read_records(out)
+    assert summary["cells"] == len(records) == 4
+    by = {(r["policy"], json.dumps(r["setting"])): r for r in records}
+    assert by[("full", "{}")]["compression"] == 0.0
+    keep_all, evict_all = by[("oracle", '{"tau": -50.0}')], by[("oracle", '{"tau": 50.0}')]
+    assert keep_all["compression"] < 0.05 < 0.4 < evict_all["compression"]
+    assert evict_all["bytes_ratio"] < 0.9
+    half = by[("streaming_llm", '{"keep_ratio": 0.5}')]["compression"]
+    assert 0.2 < half < 0.8
+    assert all(r["n_samples"] == 3 and 0.0 <= r["accuracy"] <= 1.0 for r in records)
+    assert (tmp_path / "eval.png").stat().st_size > 1000
+
+    # A rerun computes nothing; a widened grid computes only the new cell.
+    calls = []
+    real_run_cell = evaluate.run_cell
+    monkeypatch.setattr(evaluate, "run_cell", lambda *a, **k: calls.append(1) or real_run_cell(*a, **k))
+    evaluate.main(argv)
+    assert calls == [] and evaluate.read_records(out) == records
+    evaluate.main([*argv[:3], "full", "--taus", "0", *argv[argv.index("--keep-ratios"):]])
+    assert calls == [] and len(evaluate.read_records(out)) == 4
+    evaluate.main(argv + ["--keep-ratios", "0.25"])
+    assert calls == [1] and len(evaluate.read_records(out)) == 5
+    quarter = evaluate.read_records(out)[-1]
+    assert quarter["setting"] == {"keep_ratio": 0.25} and quarter["compression"] > half + 0.1
+
+
+def test_bad_arguments_get_clear_errors(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--taus", "inf"])
+    assert "finite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--keep-ratios", "1.5"])
+    assert "[0, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="known policies"):
+        evaluate.parse_policy("no_such_policy")
+    with pytest.raises(ValueError, match="checkpoint"):
+        evaluate.parse_policy("kvzap_mlp")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.parse_policy(f"kvzap_mlp@{tmp_path / 'missing'}")
