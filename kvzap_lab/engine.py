@@ -4,13 +4,15 @@
 (created on the first call, or pass ``cache=run.new_cache()``), and :func:`generate` is a batched greedy decode
 loop with chunked prefill built on it. Semantics are DMS/KVzap's:
 
-- every new token (prefill chunk or decode step) is scored when it arrives, from the hidden state entering each
-  attention layer and its keys/values/positions; the score is stored with the pair (a scorer with
+- every new token (prefill chunk or decode step) is scored from the hidden state entering each attention layer
+  as it arrived, with its keys/values/positions; the score is stored with the pair (a scorer with
   ``accumulates_attention`` also gets, at every step, the attention mass the pair receives, summed over the
   query heads of its KV group);
-- after each forward, the pairs that left the sliding window (``rule.window`` most recent tokens of the row) and
-  are not sinks (``rule.sinks`` first tokens) are offered to ``rule.keep``; the rest are evicted. The token just
-  decoded is never offered;
+- at each eviction point (after every multi-token forward, and every ``evict_every`` decode steps) the pairs
+  that left the sliding window (``rule.window`` most recent tokens of the row) and are not sinks (``rule.sinks``
+  first tokens) are offered to ``rule.keep``; the others are evicted. The token just decoded is never offered.
+  With ``evict_every=1`` this is DMS step by step; larger values batch the scoring of decoded tokens (scores are
+  only read once a pair leaves the window) and let an evictable pair linger up to ``evict_every - 1`` steps;
 - evicted pairs leave the attention at once (masked) and the storage at the next compaction (after every
   multi-token forward and every ``compact_every`` decode steps), which keeps the per-step work small.
 
@@ -36,6 +38,7 @@ from kvzap_lab.model import UnsupportedModelError, attention_override, capture_a
 from kvzap_lab.policy import Policy
 
 DEFAULT_CHUNK = 128
+DEFAULT_EVICT_EVERY = 8
 DEFAULT_COMPACT_EVERY = 32
 
 
@@ -63,8 +66,12 @@ class EvictionRun:
 
     model: nn.Module
     policy: Policy | None
+    evict_every: int
     compact_every: int
     cache: CompactCache | None = None
+    # hidden states [b, t, hidden] of the tokens not scored yet, per layer (scored at the next eviction)
+    _pending: dict[int, list[Tensor]] = field(default_factory=dict, repr=False)
+    _since_evict: int = field(default=0, repr=False)
     _since_compact: int = field(default=0, repr=False)
 
     def new_cache(self) -> CompactCache:
@@ -90,6 +97,8 @@ def _begin_forward(run: EvictionRun, args: tuple, kwargs: dict) -> tuple[tuple, 
             f"inside evicting() the cache must be a CompactCache; got a {type(cache).__name__} already holding "
             f"{cache.get_seq_length()} tokens"
         )
+    if run.cache is not None and cache is not run.cache and run._pending:
+        raise RuntimeError("evicting() serves one cache at a time: finish (or discard) one generation before the next")
     mask = kwargs.get("attention_mask")
     if mask is None:
         valid = torch.ones(b, q, dtype=torch.bool, device=tokens.device)
@@ -109,33 +118,44 @@ def _begin_forward(run: EvictionRun, args: tuple, kwargs: dict) -> tuple[tuple, 
     return args, kwargs
 
 
+def _score_pending(run: EvictionRun, idx: int) -> None:
+    """Score the buffered new tokens of layer ``idx`` (the last slots of its cache) and store their scores."""
+    hidden = torch.cat(run._pending.pop(idx), 1)  # [b, t, hidden]
+    layer = run.cache.layers[idx]
+    b, t, n = hidden.shape[0], hidden.shape[1], layer.used
+    kv_heads = layer.keys.shape[1]
+    new = run.policy.scorer.score(
+        hidden, idx, keys=layer.keys[:, :, n - t : n], values=layer.values[:, :, n - t : n],
+        positions=layer.positions[:, 0, n - t : n],
+    )
+    if new.shape != (b, kv_heads, t):
+        raise ValueError(
+            f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {idx}; "
+            f"expected [batch, kv_heads, new tokens] = {[b, kv_heads, t]} (trained for another model?)"
+        )
+    layer.scores[:, :, n - t : n] = new
+
+
 def _attend(run: EvictionRun, hidden: dict[int, Tensor]):
-    """The attention override: exact attention over the compacted cache, then scoring of the new pairs."""
+    """The attention override: exact attention over the compacted cache; buffers the new tokens for scoring."""
     scorer = None if run.policy is None else run.policy.scorer
     accumulates = bool(getattr(scorer, "accumulates_attention", False))
 
     def attend(module, query, key, value, attention_mask, base, **kwargs):
-        cache, layer_idx = run.cache, module.layer_idx
-        layer, step = cache.layers[layer_idx], cache.step
+        cache, idx = run.cache, module.layer_idx
+        layer = cache.layers[idx]
         b, n_heads, q, d = query.shape
         kv_heads, n = key.shape[1], key.shape[2]
         group = n_heads // kv_heads
-        mask = layer.mask(step.positions, kwargs.get("sliding_window"))  # [b, kv_heads, q or 1, n]
+        mask = layer.mask(cache.step.positions, kwargs.get("sliding_window"))  # [b, kv_heads, q or 1, n]
         if q > 1:  # the queries of a KV group share its mask: [b, kv_heads, group * q, n]
             mask = mask[:, :, None].expand(b, kv_heads, group, q, n).reshape(b, kv_heads, group * q, n)
         grouped = query.reshape(b, kv_heads, group * q, d)
         scale = kwargs.get("scaling")
         if scorer is not None:
-            new = scorer.score(
-                hidden[layer_idx], layer_idx, keys=key[:, :, n - q :], values=value[:, :, n - q :], positions=step.positions
-            )
-            if new.shape != (b, kv_heads, q):
-                raise ValueError(
-                    f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {layer_idx}; "
-                    f"expected [batch, kv_heads, new tokens] = {[b, kv_heads, q]} (trained for another model?)"
-                )
-            layer.scores[:, :, n - q : n] = new
-        if accumulates:
+            run._pending.setdefault(idx, []).append(hidden[idx])
+        if accumulates:  # scores must exist before this step's attention mass is added to them
+            _score_pending(run, idx)
             logits = grouped @ key.transpose(-1, -2) * (scale if scale is not None else d**-0.5)
             weights = logits.masked_fill(~mask, -math.inf).softmax(-1)
             out = weights @ value
@@ -148,27 +168,42 @@ def _attend(run: EvictionRun, hidden: dict[int, Tensor]):
 
 
 def _end_forward(run: EvictionRun) -> None:
-    """Forward hook of the decoder: offer the pairs that left the window to the rule, evict, maybe compact."""
+    """Forward hook of the decoder: at eviction points (every multi-token forward, every ``evict_every`` decode
+    steps) score the buffered tokens, offer the pairs that left the window to the rule, evict; maybe compact."""
     cache, policy = run.cache, run.policy
     step = cache.step
-    if policy is not None:
+    multi_token = step.valid.shape[1] > 1
+    run._since_evict += 1
+    run._since_compact += 1
+    if policy is not None and (multi_token or run._since_evict >= run.evict_every):
         rule = policy.rule
         last = step.positions[:, -1]
         for idx, layer in enumerate(cache.layers):
+            if idx in run._pending:
+                _score_pending(run, idx)
             candidates = layer.evictable(last, rule.window, rule.sinks)
             keep = rule.keep(layer.scores[:, :, : layer.used], idx, candidates)
             layer.drop(candidates & ~keep)
-    multi_token = step.valid.shape[1] > 1
+        run._since_evict = 0
+        if multi_token or run._since_compact >= run.compact_every:
+            cache.compact()
+            run._since_compact = 0
     cache.end_step()
-    run._since_compact += 1
-    if policy is not None and (multi_token or run._since_compact >= run.compact_every):
-        cache.compact()
-        run._since_compact = 0
 
 
 @contextlib.contextmanager
-def evicting(model: nn.Module, policy: Policy | None, *, compact_every: int = DEFAULT_COMPACT_EVERY) -> Iterator[EvictionRun]:
+def evicting(
+    model: nn.Module,
+    policy: Policy | None,
+    *,
+    evict_every: int = DEFAULT_EVICT_EVERY,
+    compact_every: int = DEFAULT_COMPACT_EVERY,
+) -> Iterator[EvictionRun]:
     """Run ``model`` with real KV eviction by ``policy`` inside the block (``None``: full cache, same engine).
+
+    Decode steps are scored and offered to the rule every ``evict_every`` steps (1: at every step, DMS exactly;
+    more: a pair that left the window waits up to ``evict_every - 1`` steps, which saves per-step work); the
+    storage is compacted every ``compact_every`` steps and after every multi-token forward.
 
     Forward calls get a :class:`CompactCache` (a new one when they pass none or an empty one); a 2-D
     ``attention_mask`` must cover past and new tokens, left padding marked 0. Yields an :class:`EvictionRun`
@@ -176,9 +211,10 @@ def evicting(model: nn.Module, policy: Policy | None, *, compact_every: int = DE
     """
     describe(model)  # raises UnsupportedModelError for an unsupported architecture
     check_policy(model, policy)
-    if not isinstance(compact_every, int) or compact_every < 1:
-        raise ValueError(f"compact_every must be an int >= 1 (decode steps between compactions); got {compact_every!r}")
-    run = EvictionRun(model=model, policy=policy, compact_every=compact_every)
+    for name, value in (("evict_every", evict_every), ("compact_every", compact_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1 (decode steps); got {value!r}")
+    run = EvictionRun(model=model, policy=policy, evict_every=evict_every, compact_every=compact_every)
     decoder = model.model
     with contextlib.ExitStack() as stack:
         hidden = stack.enter_context(capture_attention_inputs(model)) if policy is not None else {}
@@ -224,6 +260,7 @@ def generate(
     attention_mask: Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    evict_every: int = DEFAULT_EVICT_EVERY,
     compact_every: int = DEFAULT_COMPACT_EVERY,
     expected: Sequence[Sequence[int]] | None = None,
 ) -> Generation:
@@ -251,7 +288,7 @@ def generate(
             ref = list(ref)[:max_new_tokens]
             expected_ids[row, : len(ref)] = torch.as_tensor(ref, dtype=torch.long)
         expected_ids = expected_ids.to(device)
-    with evicting(model, policy, compact_every=compact_every) as run:
+    with evicting(model, policy, evict_every=evict_every, compact_every=compact_every) as run:
         cache = run.new_cache()
         for start in range(0, ids.shape[1], chunk_size):
             end = min(start + chunk_size, ids.shape[1])

@@ -6,10 +6,20 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from kvzap_lab import evaluate, tasks
 from kvzap_lab.model import random_tiny_model
 from kvzap_lab.testbed import train_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

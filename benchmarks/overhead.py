@@ -1,0 +1,131 @@
+"""Decode-time overhead of the KVzap-MLP policy, and its FLOPs relative to the model's linear projections.
+
+    python benchmarks/overhead.py [--checkpoint DIR] [--prompt-tokens 1024] [--decode 128] [--repeats 5] [--json]
+
+One process, one prompt, the same decode tokens (teacher-forced, so every mode does identical work), three
+modes timed in interleaved repetitions (the order rotates each repetition; medians are reported):
+
+- ``hf``: plain transformers decoding with a ``DynamicCache`` (no engine at all);
+- ``engine_full``: the eviction engine with no policy (full cache through the compacted-cache code path);
+- ``mlp``: the engine with the KVzap-MLP policy (scoring every token, evicting, compacting).
+
+Prefill (chunked, 128 tokens) is not timed; the time per decoded token is. Target: ``mlp / hf <= 1.10`` on CPU.
+The MLP is ``--checkpoint`` (a trained ``kvzap_mlp``), else one fitted here on oracle scores of a few task
+contexts (timing does not depend on the fit; compression does), with tau calibrated for ``--compression``.
+FLOPs ratio: scorer FLOPs per token / FLOPs per token of the model's q, k, v, o and MLP projections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+from kvzap_lab import tasks
+from kvzap_lab.engine import DEFAULT_CHUNK, evicting
+from kvzap_lab.model import load_model
+from kvzap_lab.oracle import score_contexts
+from kvzap_lab.policy import Policy, calibrate, get_policy
+from kvzap_lab.surrogate import projection_flops_per_token
+
+
+def fitted_mlp(model, tokenizer, n_contexts: int, context_tokens: int, compression: float, seed: int):
+    """A KVzap-MLP fitted on oracle scores of ``n_contexts`` task contexts, and tau for ``compression``."""
+    from kvzap_lab.policies.kvzap_mlp import KVzapMLP
+
+    samples = []
+    for i, task in enumerate(("single_needle", "kv_retrieval", "multi_value")):
+        samples += tasks.make_samples(task, tokenizer, n_contexts // 3 + (i < n_contexts % 3), context_tokens, seed)
+    results = score_contexts(model, tokenizer, [s.context_ids for s in samples], return_hidden=True)
+    X = torch.cat([r.hidden for r in results]).numpy()
+    y = torch.cat([r.scores.permute(2, 0, 1) for r in results]).numpy()
+    scorer = KVzapMLP(epochs=3, seed=seed).fit(X, y)
+    return scorer, calibrate(scorer.predict(X), compression)
+
+
+def decode_time(model, prompt: torch.Tensor, tokens: torch.Tensor, policy: Policy | None, engine: bool) -> tuple[float, float]:
+    """Seconds per decoded token (prefill excluded) and the compression at the end (0 without the engine)."""
+    with torch.no_grad(), (evicting(model, policy) if engine else contextlib.nullcontext()) as run:
+        cache = run.new_cache() if engine else None
+        for start in range(0, prompt.shape[1], DEFAULT_CHUNK):
+            out = model(input_ids=prompt[:, start : start + DEFAULT_CHUNK], cache=cache, logits_to_keep=1)
+            cache = out.cache
+        began = time.perf_counter()
+        for i in range(tokens.shape[1]):
+            cache = model(input_ids=tokens[:, i : i + 1], cache=cache).cache
+        seconds = (time.perf_counter() - began) / tokens.shape[1]
+    return seconds, cache.compression().overall if engine else 0.0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="testbed")
+    parser.add_argument("--checkpoint", default=None, help="a trained kvzap_mlp directory (default: fit one here)")
+    parser.add_argument("--tau", type=float, default=None, help="threshold (default: calibrated for --compression)")
+    parser.add_argument("--compression", type=float, default=0.75)
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
+    if args.checkpoint:
+        policy = get_policy("kvzap_mlp", checkpoint=args.checkpoint, model=model)
+        scorer, rule = policy.scorer, policy.rule
+    else:
+        scorer, rule = fitted_mlp(model, tokenizer, 12, 512, args.compression, args.seed)
+    if args.tau is not None:
+        rule = type(rule)(tau=args.tau, window=rule.window, sinks=rule.sinks)
+    policy = Policy("kvzap_mlp", scorer, rule)
+
+    sample = tasks.make_samples("single_needle", tokenizer, 1, args.prompt_tokens, args.seed)[0]
+    prompt = torch.tensor([sample.input_ids])
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(10, model.config.vocab_size, (1, args.decode), generator=gen)
+    modes = {"hf": (None, False), "engine_full": (None, True), "mlp": (policy, True)}
+    for policy_, engine in modes.values():  # warm-up
+        decode_time(model, prompt, tokens[:, :8], policy_, engine)
+    times = {m: [] for m in modes}
+    compression = 0.0
+    for rep in range(args.repeats):
+        order = list(modes)[rep % 3 :] + list(modes)[: rep % 3]
+        for mode in order:
+            seconds, c = decode_time(model, prompt, tokens, *modes[mode])
+            times[mode].append(seconds)
+            compression = max(compression, c)
+    ms = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+    result = {
+        "model": args.model,
+        "prompt_tokens": prompt.shape[1],
+        "decode_tokens": args.decode,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "ms_per_token": {m: round(v, 3) for m, v in ms.items()},
+        "mlp_over_hf": round(ms["mlp"] / ms["hf"], 3),
+        "mlp_over_engine_full": round(ms["mlp"] / ms["engine_full"], 3),
+        "engine_full_over_hf": round(ms["engine_full"] / ms["hf"], 3),
+        "mlp_compression": round(compression, 3),
+        "scorer_flops_ratio": scorer.flops_per_token() / projection_flops_per_token(model.config),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for mode, v in ms.items():
+            spread = f"{1e3 * min(times[mode]):.3f}-{1e3 * max(times[mode]):.3f}"
+            print(f"{mode:<12} {v:8.3f} ms/token  (range {spread})")
+        print(f"mlp / hf = {result['mlp_over_hf']}   mlp / engine_full = {result['mlp_over_engine_full']}   "
+              f"engine_full / hf = {result['engine_full_over_hf']}   (target mlp / hf <= 1.10)")
+        print(f"MLP compression {compression:.3f}; scorer FLOPs / projection FLOPs = {result['scorer_flops_ratio']:.4%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
