@@ -79,8 +79,9 @@ class CompactLayer(CacheLayerMixin):
         self.keys, self.values = moved(self.keys), moved(self.values)
         self.positions, self.scores, self.alive = moved(self.positions), moved(self.scores), moved(self.alive)
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, positions: Tensor, valid: Tensor, **kwargs):
-        """Append ``t`` new pairs ``[b, h, t, d]`` at ``positions [b, t]`` (``valid [b, t]`` False on padding).
+    def update(self, key_states: Tensor, value_states: Tensor, *args, positions: Tensor, valid: Tensor | None, **kwargs):
+        """Append ``t`` new pairs ``[b, h, t, d]`` at ``positions [b, t]`` (``valid [b, t]`` False on padding;
+        ``None``: all real). Their scores are left for the scorer to write.
 
         Returns views ``(keys, values)`` ``[b, h, used, d]`` over every slot in use, the new pairs last.
         """
@@ -93,8 +94,7 @@ class CompactLayer(CacheLayerMixin):
         self.keys[:, :, start:end] = key_states
         self.values[:, :, start:end] = value_states
         self.positions[:, :, start:end] = positions[:, None, :]
-        self.scores[:, :, start:end] = 0.0
-        self.alive[:, :, start:end] = valid[:, None, :]
+        self.alive[:, :, start:end] = True if valid is None else valid[:, None, :]
         self.used = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
@@ -174,10 +174,11 @@ class CompactLayer(CacheLayerMixin):
 
 @dataclass
 class Step:
-    """The tokens of the forward in progress: ``positions [b, q]`` (long) and ``valid [b, q]`` (False on padding)."""
+    """The tokens of the forward in progress: ``positions [b, q]`` (long) and ``valid [b, q]`` (False on padding;
+    ``None`` when every token is real)."""
 
     positions: Tensor
-    valid: Tensor
+    valid: Tensor | None
 
 
 @dataclass
@@ -206,26 +207,32 @@ class CompactCache(Cache):
         self.real_seen: Tensor | None = None
         self.step: Step | None = None
 
-    def begin_step(self, positions: Tensor, valid: Tensor) -> None:
-        """Announce the ``q`` new tokens of the next forward: ``positions [b, q]``, ``valid [b, q]`` bool."""
+    def begin_step(self, positions: Tensor, valid: Tensor | None = None) -> None:
+        """Announce the ``q`` new tokens of the next forward: ``positions [b, q]``, ``valid [b, q]`` bool (False on
+        left padding; ``None``: all real)."""
         if self.step is not None:
             raise RuntimeError("CompactCache.begin_step called twice without end_step (a forward did not finish)")
+        b = positions.shape[0]
         if self.real_seen is None:
-            self.real_seen = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
-        elif self.real_seen.shape[0] != valid.shape[0]:
-            raise ValueError(f"this cache holds a batch of {self.real_seen.shape[0]} rows; got {valid.shape[0]} new rows")
+            self.real_seen = torch.zeros(b, dtype=torch.long, device=positions.device)
+        elif self.real_seen.shape[0] != b:
+            raise ValueError(f"this cache holds a batch of {self.real_seen.shape[0]} rows; got {b} new rows")
         self.step = Step(positions=positions, valid=valid)
 
     def end_step(self) -> None:
         """Account the tokens of the finished forward into ``seen`` and ``real_seen``."""
-        self.seen += self.step.valid.shape[1]
-        self.real_seen += self.step.valid.sum(1)
+        q = self.step.positions.shape[1]
+        self.seen += q
+        self.real_seen += q if self.step.valid is None else self.step.valid.sum(1)
         self.step = None
 
-    def next_positions(self, valid: Tensor) -> Tensor:
-        """Default positions of new tokens ``[b, q]``: each row counts its real tokens only (left padding ignored)."""
-        real = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device) if self.real_seen is None else self.real_seen
-        return (real[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)
+    def next_positions(self, batch: int, q: int, valid: Tensor | None = None, device=None) -> Tensor:
+        """Default positions of ``q`` new tokens ``[batch, q]``: each row counts its real tokens only, so left
+        padding (``valid`` False) is skipped; ``valid=None`` means every new token is real."""
+        seen = torch.zeros(batch, dtype=torch.long, device=device) if self.real_seen is None else self.real_seen
+        if valid is None:
+            return seen[:, None] + torch.arange(q, device=seen.device)
+        return (seen[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         if self.step is None:

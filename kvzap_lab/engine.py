@@ -101,7 +101,7 @@ def _begin_forward(run: EvictionRun, args: tuple, kwargs: dict) -> tuple[tuple, 
         raise RuntimeError("evicting() serves one cache at a time: finish (or discard) one generation before the next")
     mask = kwargs.get("attention_mask")
     if mask is None:
-        valid = torch.ones(b, q, dtype=torch.bool, device=tokens.device)
+        valid = None
     elif mask.dim() == 2 and mask.shape == (b, cache.seen + q):
         valid = mask[:, -q:].bool()
     else:
@@ -110,10 +110,13 @@ def _begin_forward(run: EvictionRun, args: tuple, kwargs: dict) -> tuple[tuple, 
             f"0 = left padding); got {tuple(mask.shape)}"
         )
     positions = kwargs.get("position_ids")
-    positions = cache.next_positions(valid) if positions is None else positions.expand(b, q).long()
+    if positions is None:
+        positions = cache.next_positions(b, q, valid, device=tokens.device)
+    else:
+        positions = positions.expand(b, q).long()
     cache.begin_step(positions, valid)
     # The engine builds its own masks: a placeholder 4-D mask makes transformers skip building one.
-    kwargs.update(cache=cache, position_ids=positions, attention_mask=tokens.new_ones(b, 1, q, 1, dtype=torch.bool))
+    kwargs.update(cache=cache, position_ids=positions, attention_mask=tokens.new_ones(1, 1, 1, 1, dtype=torch.bool).expand(b, 1, q, 1))
     run.cache = cache
     return args, kwargs
 
@@ -172,7 +175,7 @@ def _end_forward(run: EvictionRun) -> None:
     steps) score the buffered tokens, offer the pairs that left the window to the rule, evict; maybe compact."""
     cache, policy = run.cache, run.policy
     step = cache.step
-    multi_token = step.valid.shape[1] > 1
+    multi_token = step.positions.shape[1] > 1
     run._since_evict += 1
     run._since_compact += 1
     if policy is not None and (multi_token or run._since_evict >= run.evict_every):

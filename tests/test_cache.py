@@ -12,8 +12,7 @@ B, H, D = 2, 3, 8
 
 def feed(cache: CompactCache, t: int, valid: torch.Tensor | None = None, seed: int = 0):
     """Announce and append ``t`` tokens to every layer (random keys/values); return the keys written."""
-    valid = torch.ones(B, t, dtype=torch.bool) if valid is None else valid
-    cache.begin_step(cache.next_positions(valid), valid)
+    cache.begin_step(cache.next_positions(B, t, valid), valid)
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(B, H, t, D, generator=gen)
     for idx in range(len(cache.layers)):
@@ -98,8 +97,7 @@ def test_bytes_held_follow_the_pairs_kept():
     excess = []
     for step in range(600):
         keys = torch.randn(B, H, 1, 64, generator=gen)
-        valid = torch.ones(B, 1, dtype=torch.bool)
-        cache.begin_step(cache.next_positions(valid), valid)
+        cache.begin_step(cache.next_positions(B, 1))
         for idx in range(2):
             cache.update(keys, keys, idx)
         for layer in cache.layers:
