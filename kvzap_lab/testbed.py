@@ -55,6 +55,7 @@ class TrainConfig:
     kv_heads: int = 2
     intermediate_size: int = 512
     vocab_size: int = 768
+    tokenizer_lines: int = 20000
     max_positions: int = 4096
     max_context: int = 2048
     init_from: str = ""
@@ -79,8 +80,9 @@ def _corpus_lines(rng: random.Random, n: int):
         )
 
 
-def train_tokenizer(vocab_size: int = 768, seed: int = 0):
-    """A byte-level BPE tokenizer (digits split one by one) with the chat tokens and template."""
+def train_tokenizer(vocab_size: int = 768, seed: int = 0, lines: int = 20000):
+    """A byte-level BPE tokenizer (digits split one by one) with the chat tokens and template, trained on
+    ``lines`` lines of synthetic task text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,7 +97,7 @@ def train_tokenizer(vocab_size: int = 768, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_corpus_lines(random.Random(seed), 20000), trainer)
+    backend.train_from_iterator(_corpus_lines(random.Random(seed), lines), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=tasks.BOS,
@@ -243,7 +245,12 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path = out.parent / (out.name + ".train_state.pt")
-    tokenizer = train_tokenizer(config.vocab_size, config.seed)
+    if config.init_from or state_path.exists():  # fine-tuning or resuming: keep the tokenizer already made
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.init_from or out)
+    else:
+        tokenizer = train_tokenizer(config.vocab_size, config.seed, config.tokenizer_lines)
     model = build_model(config, tokenizer)
     history = []
     if config.init_from:  # fine-tune: start from an earlier checkpoint's weights (same architecture)
@@ -311,11 +318,11 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
         if step % every == 0 or step == config.steps or out_of_time:
             meta = {"config": asdict(config), "step": step, "seconds": time.time() - began, "batch_accuracy": accuracy}
             meta["history"] = [{k: v for k, v in h.items() if k != "history"} for h in history]
+            _save_checkpoint(model, tokenizer, out, meta)  # first: a saved state always has its checkpoint
             _atomic_torch_save(
                 {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
                 state_path,
             )
-            _save_checkpoint(model, tokenizer, out, meta)
         if out_of_time:
             break
     progress.close()

@@ -1,0 +1,101 @@
+"""Task generators: determinism under seed, exact spans and lengths, scoring, and rejected parameters."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from kvzap_lab import tasks
+from kvzap_lab.model import TESTBED_PATH
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TESTBED_PATH)
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_samples_are_deterministic_and_exact(task, tokenizer):
+    first = tasks.make_samples(task, tokenizer, 3, 256, seed=7)
+    again = tasks.make_samples(task, tokenizer, 3, 256, seed=7)
+    other = tasks.make_samples(task, tokenizer, 3, 256, seed=8)
+    assert [s.input_ids for s in first] == [s.input_ids for s in again]
+    assert [s.input_ids for s in first] != [s.input_ids for s in other]
+    for sample in first:
+        start, end = sample.context_span
+        assert end - start == 256
+        # The ids are what the tokenizer itself makes of the text: spans are real token offsets.
+        full = sample.input_ids + sample.answer_ids
+        assert tokenizer.encode(tokenizer.decode(full), add_special_tokens=False) == full
+        prompt = tokenizer.decode(sample.input_ids)
+        assert prompt.startswith("<|bos|><|user|>\n") and prompt.endswith("<|end|>\n<|assistant|>\n")
+        assert sample.question in prompt
+        assert sample.answer_ids[-1] == tokenizer.convert_tokens_to_ids(tasks.END)
+
+
+@pytest.mark.parametrize("task", ["single_needle", "multi_key_needle", "multi_value", "kv_retrieval"])
+def test_answer_values_are_in_the_context(task, tokenizer):
+    for sample in tasks.make_samples(task, tokenizer, 5, 300, seed=1):
+        context = tokenizer.decode(sample.context_ids)
+        values = [w for w in sample.answer.replace(",", " ").split() if w.isdigit()]
+        assert values and all(v in context for v in values)
+        key = sample.answer.split(" is ")[0].split(" maps to ")[0]
+        assert key in context and key in sample.question
+
+
+def test_multi_key_needle_has_distinct_keys(tokenizer):
+    sample = tasks.make_samples("multi_key_needle", tokenizer, 1, 512, seed=3, n_needles=6)[0]
+    keys = sample.meta["keys"]
+    assert len(set(keys)) == 6
+    context = tokenizer.decode(sample.context_ids)
+    assert context.count("special magic number") == 6
+
+
+def test_variable_tracking_answer_follows_the_chain(tokenizer):
+    sample = tasks.make_samples("variable_tracking", tokenizer, 1, 400, seed=2, n_needles=3)[0]
+    context = tokenizer.decode(sample.context_ids)
+    chain = sample.answer.split()
+    assert sorted(chain) == sorted(sample.meta["chain"])
+    value = sample.question.split()[-2]
+    assert f"var {chain[0]} = {value} ." in context
+    for name in chain:  # every answer variable is defined, and before its first use
+        assert context.index(f"var {name} =") < len(context)
+
+
+def test_copy_answer_is_the_context(tokenizer):
+    sample = tasks.make_samples("copy", tokenizer, 1, 300, seed=0)[0]
+    assert sample.answer_ids[:-1] == sample.context_ids
+    assert sample.question == tasks.COPY_INSTRUCTION
+
+
+def test_scoring(tokenizer):
+    needle = tasks.make_samples("single_needle", tokenizer, 1, 128, seed=0)[0]
+    assert tasks.score_answer(needle, needle.answer_ids) == 1.0
+    assert tasks.score_answer(needle, needle.answer_ids + [5, 6]) == 1.0  # tokens after the end are ignored
+    wrong = list(needle.answer_ids)
+    wrong[-2] = wrong[-3]  # one digit changed
+    assert tasks.score_answer(needle, wrong if wrong != needle.answer_ids else wrong[:-2]) == 0.0
+    assert tasks.score_answer(needle, needle.answer_ids[:-1]) == 0.0  # missing end token
+    copy = tasks.make_samples("copy", tokenizer, 1, 100, seed=0)[0]
+    half = copy.answer_ids[:50] + [0] * 51
+    assert tasks.score_answer(copy, half) == pytest.approx(50 / 101)
+
+
+def test_impossible_parameters_are_rejected(tokenizer):
+    with pytest.raises(ValueError, match="facts need .* tokens but the context has only 64"):
+        tasks.make_samples("multi_key_needle", tokenizer, 1, 64, n_needles=20)
+    with pytest.raises(ValueError, match="unknown task 'needle'; known tasks: single_needle"):
+        tasks.make_samples("needle", tokenizer, 1, 256)
+    with pytest.raises(ValueError, match="context_tokens must be at least 16"):
+        tasks.make_samples("copy", tokenizer, 1, 8)
+    with pytest.raises(ValueError, match="chains must be 1..8 long"):
+        tasks.make_samples("variable_tracking", tokenizer, 1, 512, n_needles=9)
+
+
+def test_tokenizer_without_chat_tokens_is_rejected():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    bare = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    with pytest.raises(ValueError, match=r"tokenizer has no '<\|bos\|>' token"):
+        tasks.make_samples("single_needle", bare, 1, 64)
