@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         summary["flops_ratio"] = summary["flops_per_token"] / baseline if baseline else None
         rows.append(summary)
     fastest = min(r["train_seconds"] for r in rows)
-    print(f"{len(dataset.X_train)} train / {len(dataset.X_test)} test rows, {dataset.manifest['n_layers']} layers, "
-          f"hidden {dataset.manifest['hidden_size']}, {dataset.manifest['n_kv_heads']} KV heads")
+    n, n_layers, hidden = dataset.X_train.shape
+    print(f"{n} train / {len(dataset.X_test)} test rows, {n_layers} layers, hidden {hidden}, "
+          f"{dataset.y_train.shape[2]} KV heads")
     print(f"{'scorer':>12} {'R2':>7} {'Spearman':>9} {'MSE':>8} {'train s':>8} {'x fastest':>9} {'FLOPs/tok':>10} {'% proj':>7}")
     for r in rows:
         ratio = f"{100 * r['flops_ratio']:7.3f}" if r["flops_ratio"] is not None else f"{'-':>7}"

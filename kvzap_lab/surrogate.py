@@ -57,6 +57,17 @@ def synthetic_split(n: int = 5000, n_layers: int = 2, hidden: int = 24, n_kv_hea
     return Split(X[:cut], y[:cut], X[cut:], y[cut:], manifest)
 
 
+def model_facts(manifest: dict | None) -> dict:
+    """``{model_fingerprint, n_layers, hidden_size, n_kv_heads}`` from a dataset manifest, as far as it has them:
+    flat keys, or :mod:`kvzap_lab.data`'s ``model.fingerprint`` and ``shapes.{layers, hidden, kv_heads}``."""
+    manifest = manifest or {}
+    model, shapes = manifest.get("model") or {}, manifest.get("shapes") or {}
+    nested = {"model_fingerprint": model.get("fingerprint"), "n_layers": shapes.get("layers"),
+              "hidden_size": shapes.get("hidden"), "n_kv_heads": shapes.get("kv_heads")}
+    facts = {k: manifest.get(k, nested[k]) for k in MANIFEST_KEYS}
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def check_training_data(X, y=None, manifest: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Validate ``X [n, layers, hidden]`` and ``y [n, layers, kv_heads]`` (finite, consistent with each other and
     with the dataset ``manifest`` if given); return them as float32 numpy arrays."""
@@ -68,8 +79,9 @@ def check_training_data(X, y=None, manifest: dict | None = None) -> tuple[np.nda
         if y.ndim != 3 or y.shape[:2] != X.shape[:2]:
             raise ValueError(f"y must be log-scores [n, layers, kv_heads] matching X [n, layers, hidden] {X.shape}; got {y.shape}")
     if manifest is not None:
+        facts = model_facts(manifest)
         expected = {"n_layers": X.shape[1], "hidden_size": X.shape[2]} | ({"n_kv_heads": y.shape[2]} if y is not None else {})
-        wrong = {k: (manifest[k], v) for k, v in expected.items() if k in manifest and manifest[k] != v}
+        wrong = {k: (facts[k], v) for k, v in expected.items() if k in facts and facts[k] != v}
         if wrong:
             detail = ", ".join(f"{k}: model has {m}, data has {d}" for k, (m, d) in wrong.items())
             raise ModelMismatchError(f"training data does not match the model of its manifest ({detail})")
@@ -137,7 +149,7 @@ class TrainableScorer(BaseEstimator):
         """Fit on ``X [n, layers, hidden]``, ``y [n, layers, kv_heads]``; ``manifest`` (from the dataset) ties the
         scorer to its model."""
         X, y = check_training_data(X, y, manifest)
-        self.trained_for_ = {"model_fingerprint": (manifest or {}).get("model_fingerprint")} | dict(
+        self.trained_for_ = {"model_fingerprint": model_facts(manifest).get("model_fingerprint")} | dict(
             n_layers=X.shape[1], hidden_size=X.shape[2], n_kv_heads=y.shape[2]
         )
         with limited_threads(getattr(self, "n_threads", None)):

@@ -204,3 +204,26 @@ def test_train_cli(tmp_path, monkeypatch, capsys, data):
         train_mod.main(["--policy", "knorm", "--data", "unused", "--out", str(out)])
     with pytest.raises(ValueError, match="unknown policy 'boosted'; known policies"):
         train_mod.main(["--policy", "boosted", "--data", "unused", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_train_cli_on_a_collected_dataset(tmp_path):
+    """End to end on the real data path: collect a tiny oracle dataset on the test bed, train from the shell."""
+    import subprocess
+    import sys
+
+    from kvzap_lab.collect import main as collect
+    from kvzap_lab.model import load_model
+
+    data_dir, out = tmp_path / "data", tmp_path / "run"
+    collect(["--n-sequences", "6", "--context-tokens", "64", "--tokens-per-sequence", "32", "--test-fraction", "0.34",
+             "--out", str(data_dir)])
+    proc = subprocess.run([sys.executable, "-m", "kvzap_lab.train", "--policy", "linear", "--data", str(data_dir),
+                           "--out", str(out), "--json"], capture_output=True, text=True, check=True)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["n_train"] == 4 * 32 and summary["n_test"] == 2 * 32 and len(summary["per_layer"]["r2"]) == 4
+    model, _ = load_model("testbed")
+    scorer = get_policy("linear", checkpoint=out / "scorer", model=model).scorer
+    assert scorer.trained_for_["model_fingerprint"] == fingerprint(model)
+    with pytest.raises(ModelMismatchError):
+        scorer.check_model(random_tiny_model("llama", seed=0, hidden_size=128, num_hidden_layers=4))
