@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kvzip", action="store_true", help="plain KVzip scores (no ||W_O v||/||h|| factor)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of X")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="replace a collection with other settings")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args(argv)
@@ -248,6 +249,8 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device)
     model_name = "testbed" if args.model == "testbed" else Path(args.model).name
     out = args.out or Path("results/data") / model_name

@@ -80,9 +80,6 @@ def repeat_template(tokenizer) -> RepeatTemplate:
     turn = the context) when it has one, plain concatenation (BOS, context, instruction, newline) otherwise."""
     if isinstance(tokenizer, RepeatTemplate):
         return tokenizer
-    cached = getattr(tokenizer, "_kvzap_repeat_template", None)
-    if cached is not None:
-        return cached
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -94,12 +91,9 @@ def repeat_template(tokenizer) -> RepeatTemplate:
         if rendered.count(_SENTINEL) != 1:
             raise ValueError("the tokenizer's chat template does not place the user content exactly once")
         head, tail = rendered.split(_SENTINEL)
-        template = RepeatTemplate(tuple(encode(head)), tuple(encode(INSTRUCTION) + encode(tail)))
-    else:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        template = RepeatTemplate(tuple(bos), tuple(encode(INSTRUCTION + "\n")))
-    tokenizer._kvzap_repeat_template = template
-    return template
+        return RepeatTemplate(tuple(encode(head)), tuple(encode(INSTRUCTION) + encode(tail)))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return RepeatTemplate(tuple(bos), tuple(encode(INSTRUCTION + "\n")))
 
 
 def repeat_prompt(tokenizer, context_ids: Sequence[int]) -> RepeatPrompt:
@@ -253,13 +247,13 @@ def _scoring_attention(state: _OracleState, captured: dict, normalize: bool):
         if best is None:
             best = torch.zeros(b, kv_heads, group, end - start, device=query.device)
         state.values[layer] = value[:, :, start:end]
-        queries = (query * scaling).view(b, kv_heads, group, q, dim)
+        queries = query.view(b, kv_heads, group, q, dim)
         out = torch.empty_like(queries)
         block = max(1, BLOCK_ELEMENTS // max(1, b * heads * kv))
         for q0 in range(0, q, block):
             q1 = min(q, q0 + block)
             seen = kv - q + q1  # causal: no query of this block sees a key after the block's last query
-            logits = torch.matmul(queries[:, :, :, q0:q1], key[:, :, None, :seen].transpose(-1, -2))
+            logits = torch.matmul(queries[:, :, :, q0:q1], key[:, :, None, :seen].transpose(-1, -2)).mul_(scaling)
             allowed = _allowed_keys(attention_mask, q, kv, heads, kv_heads, q0, q1, query.device)[..., :seen]
             logits += torch.where(allowed, 0.0, float("-inf"))  # an additive mask: much faster than masked_fill
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
