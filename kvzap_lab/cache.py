@@ -1,16 +1,19 @@
 """A compacted KV cache: every (layer, batch row, KV head) holds its own set of pairs, and evicted pairs are freed.
 
-Storage of one layer (:class:`CompactLayer`), with ``n`` the slots in use and ``capacity >= n`` the slots allocated:
+Storage of one layer (:class:`CompactLayer`), with ``n`` the slots in use and ``capacity >= n`` the slots
+allocated per ``(b, head)`` row:
 
-- ``keys`` / ``values`` ``[b, kv_heads, capacity, head_dim]``
-- ``positions`` ``[b, kv_heads, capacity]`` int64, the absolute (RoPE) position of the pair in each slot
-- ``scores`` ``[b, kv_heads, capacity]`` float32, the policy's stored score of the pair
-- ``alive`` ``[b, kv_heads, capacity]`` bool, whether the slot holds a pair (False: evicted, padding or a hole)
+- ``pairs`` ``[stored, 2, head_dim]``: the keys and values of the held pairs, packed (no per-head padding);
+- ``index`` ``[b, kv_heads, capacity]`` int64: the row of ``pairs`` behind each slot;
+- ``positions`` ``[b, kv_heads, capacity]`` int64: the absolute (RoPE) position of the pair in each slot;
+- ``scores`` ``[b, kv_heads, capacity]`` float32: the policy's stored score of the pair;
+- ``alive`` ``[b, kv_heads, capacity]`` bool: whether the slot holds a pair (False: evicted, padding or a hole).
 
-New tokens are written at slots ``[n, n + t)`` of every row, so eviction only clears ``alive`` (cheap, every
-step); :meth:`CompactLayer.compact` packs each row's live pairs to the front (stable order) and trims the
-capacity, so that the bytes held stay close to the pairs kept. Rows of a layer keep different counts: the
-shorter rows carry holes up to the longest row.
+New tokens take slots ``[n, n + t)`` of every row and new rows of ``pairs``, so eviction only clears ``alive``
+(cheap, every step); :meth:`CompactLayer.compact` packs each row's live slots to the front (stable order,
+:func:`kvzap_lab.kernels.compact`), trims the slots to the longest row and rewrites ``pairs`` with exactly the
+pairs kept. Heads of a layer keep different counts: the shorter rows carry padding slots, but a padding slot
+costs 21 bytes of bookkeeping, not a key and a value, so the bytes held follow the pairs kept.
 
 :class:`CompactCache` is a transformers ``Cache`` over these layers. ``get_seq_length`` reports the TRUE
 sequence length (every token fed, padding included), so transformers' default position ids stay right; the
@@ -30,7 +33,7 @@ from kvzap_lab.kernels import compact
 
 # Slots are allocated in multiples of this, and at least this many are added when a layer grows.
 _SLOT_QUANTUM = 8
-# A growing layer gets this fraction of its live slots as headroom (geometric growth, amortised copies).
+# A growing layer gets this fraction of its live slots (and stored pairs) as headroom (geometric growth).
 _GROWTH = 1 / 16
 
 
@@ -38,8 +41,22 @@ def _round_up(n: int) -> int:
     return -(-n // _SLOT_QUANTUM) * _SLOT_QUANTUM
 
 
+def _grown(t: Tensor, capacity: int, dim: int, n: int) -> Tensor:
+    """A copy of ``t`` with ``capacity`` entries along ``dim``, the first ``n`` copied."""
+    shape = list(t.shape)
+    shape[dim] = capacity
+    out = t.new_empty(shape)
+    out.narrow(dim, 0, n).copy_(t.narrow(dim, 0, n))
+    return out
+
+
 class CompactLayer(CacheLayerMixin):
-    """One layer of a :class:`CompactCache` (layout in the module docstring). ``used`` is the slots in use."""
+    """One layer of a :class:`CompactCache` (layout in the module docstring).
+
+    ``used`` is the slots in use, ``stored`` the rows of ``pairs`` in use. ``update`` returns the held pairs
+    gathered into ``[b, kv_heads, used, head_dim]`` keys and values, a transient copy for this step's attention
+    (transformers' ``DynamicCache`` makes the same copy when it concatenates).
+    """
 
     is_sliding = False
     is_compileable = False
@@ -48,55 +65,62 @@ class CompactLayer(CacheLayerMixin):
 
     def __init__(self):
         super().__init__()
+        self.pairs: Tensor | None = None
+        self.index: Tensor | None = None
         self.positions: Tensor | None = None
         self.scores: Tensor | None = None
         self.alive: Tensor | None = None
         self.used = 0
+        self.stored = 0
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        """Slots allocated per ``(b, head)`` row."""
+        return 0 if self.index is None else self.index.shape[2]
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, d = key_states.shape
+        if value_states.shape[-1] != d:
+            raise ValueError(f"keys and values must share a head dim; got {d} and {value_states.shape[-1]}")
         self.device = key_states.device
-        self.keys = key_states.new_empty(b, h, 0, d)
-        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.pairs = key_states.new_empty(0, 2, d)
+        self.index = torch.empty(b, h, 0, dtype=torch.int64, device=self.device)
         self.positions = torch.empty(b, h, 0, dtype=torch.int64, device=self.device)
         self.scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
         self.alive = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
-    def _resize(self, capacity: int) -> None:
-        """Reallocate every tensor to ``capacity`` slots, keeping slots ``[0, used)``."""
-        n = self.used
-
-        def moved(t: Tensor) -> Tensor:
-            out = t.new_empty(*t.shape[:2], capacity, *t.shape[3:])
-            out[:, :, :n] = t[:, :, :n]
-            return out
-
-        self.keys, self.values = moved(self.keys), moved(self.values)
-        self.positions, self.scores, self.alive = moved(self.positions), moved(self.scores), moved(self.alive)
-
     def update(self, key_states: Tensor, value_states: Tensor, *args, positions: Tensor, valid: Tensor | None, **kwargs):
         """Append ``t`` new pairs ``[b, h, t, d]`` at ``positions [b, t]`` (``valid [b, t]`` False on padding;
         ``None``: all real). Their scores are left for the scorer to write.
 
-        Returns views ``(keys, values)`` ``[b, h, used, d]`` over every slot in use, the new pairs last.
+        Returns ``(keys, values)`` ``[b, h, used, d]``: every slot in use (dead slots included, to be masked),
+        the new pairs last.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        t, start = key_states.shape[2], self.used
-        if start + t > self.capacity:
-            self._resize(_round_up(max(start + t, start + max(_SLOT_QUANTUM, int(start * _GROWTH)))))
-        end = start + t
-        self.keys[:, :, start:end] = key_states
-        self.values[:, :, start:end] = value_states
+        b, h, t, d = key_states.shape
+        start, end, rows = self.used, self.used + t, self.stored + b * h * t
+        if end > self.capacity:
+            capacity = _round_up(max(end, start + max(_SLOT_QUANTUM, int(start * _GROWTH))))
+            self.index, self.positions, self.scores, self.alive = (
+                _grown(x, capacity, 2, start) for x in (self.index, self.positions, self.scores, self.alive)
+            )
+        if rows > self.pairs.shape[0]:
+            extra = max(b * h * _SLOT_QUANTUM, int(self.stored * _GROWTH))
+            self.pairs = _grown(self.pairs, max(rows, self.stored + extra), 0, self.stored)
+        self.pairs[self.stored : rows] = torch.stack([key_states, value_states], 3).reshape(b * h * t, 2, d)
+        self.index[:, :, start:end] = torch.arange(self.stored, rows, device=self.device).view(b, h, t)
         self.positions[:, :, start:end] = positions[:, None, :]
         self.alive[:, :, start:end] = True if valid is None else valid[:, None, :]
-        self.used = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        self.used, self.stored = end, rows
+        return self.gather(0, end)
+
+    def gather(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of slots ``[start, end)``: ``[b, kv_heads, end - start, head_dim]`` each (a copy)."""
+        b, h = self.index.shape[:2]
+        picked = self.pairs.index_select(0, self.index[:, :, start:end].reshape(-1)).view(b, h, end - start, 2, -1)
+        return picked[..., 0, :], picked[..., 1, :]
 
     def mask(self, query_positions: Tensor, sliding_window: int | None = None) -> Tensor:
         """Which slots each query may attend to: bool ``[b, kv_heads, q, used]`` (may be a broadcast view).
@@ -138,23 +162,36 @@ class CompactLayer(CacheLayerMixin):
         return self.alive[:, :, : self.used].sum(-1)
 
     def compact(self) -> None:
-        """Pack every row's live pairs to the front and trim the storage to the longest row (plus no headroom)."""
+        """Free the evicted pairs: pack every row's live slots to the front (order kept), trim the slots to the
+        longest row, and rewrite ``pairs`` with exactly the pairs kept."""
         if not self.is_initialized:
             return
         n = self.used
-        keys, values, positions, scores, lengths = compact(
-            self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :, :n], self.scores[:, :, :n],
-            self.alive[:, :, :n],
+        slot_index = self.index[:, :, :n, None].double()  # exact below 2**53: moved as a 1-wide "head dim"
+        slot_index, _, self.positions, self.scores, lengths = compact(
+            slot_index, slot_index, self.positions[:, :, :n], self.scores[:, :, :n], self.alive[:, :, :n]
         )
-        self.keys, self.values, self.positions, self.scores = keys, values, positions, scores
-        self.used = keys.shape[2]
+        self.used = slot_index.shape[2]
         self.alive = torch.arange(self.used, device=self.device) < lengths[..., None]
+        rows = slot_index[..., 0].long()[self.alive]  # kept pairs in (b, head, slot) order
+        self.pairs = self.pairs.index_select(0, rows) if len(rows) else self.pairs[:1].clone()
+        self.stored = len(rows)
+        self.index = torch.zeros_like(self.alive, dtype=torch.int64)
+        self.index[self.alive] = torch.arange(self.stored, device=self.device)
 
     def bytes_held(self) -> int:
-        """Bytes of every tensor this layer holds (keys, values, positions, scores, alive; padding included)."""
+        """Bytes of every tensor this layer holds (pairs, slot index, positions, scores, flags; padding included)."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores, self.alive))
+        held = (self.pairs, self.index, self.positions, self.scores, self.alive)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def full_bytes(self, seq_len: int) -> int:
+        """Bytes of keys and values a full cache of ``seq_len`` tokens would hold for this layer."""
+        if not self.is_initialized:
+            return 0
+        b, h = self.index.shape[:2]
+        return b * h * seq_len * self.pairs[0].numel() * self.pairs.element_size()
 
     def get_seq_length(self) -> int:
         raise NotImplementedError("ask the CompactCache: a compacted layer does not know the true sequence length")
@@ -264,12 +301,7 @@ class CompactCache(Cache):
 
     def full_bytes(self) -> int:
         """Bytes a full (uncompressed) cache of the same tokens would hold: keys and values of every token fed."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                b, h, _, d = layer.keys.shape
-                total += b * h * self.seen * (d + layer.values.shape[-1]) * layer.keys.element_size()
-        return total
+        return sum(layer.full_bytes(self.seen) for layer in self.layers)
 
     def compression(self) -> Compression:
         """The achieved :class:`Compression` so far (0 before any token)."""

@@ -126,11 +126,9 @@ def _score_pending(run: EvictionRun, idx: int) -> None:
     hidden = torch.cat(run._pending.pop(idx), 1)  # [b, t, hidden]
     layer = run.cache.layers[idx]
     b, t, n = hidden.shape[0], hidden.shape[1], layer.used
-    kv_heads = layer.keys.shape[1]
-    new = run.policy.scorer.score(
-        hidden, idx, keys=layer.keys[:, :, n - t : n], values=layer.values[:, :, n - t : n],
-        positions=layer.positions[:, 0, n - t : n],
-    )
+    kv_heads = layer.index.shape[1]
+    keys, values = layer.gather(n - t, n)
+    new = run.policy.scorer.score(hidden, idx, keys=keys, values=values, positions=layer.positions[:, 0, n - t : n])
     if new.shape != (b, kv_heads, t):
         raise ValueError(
             f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {idx}; "
