@@ -18,7 +18,13 @@ from kvzap_lab.policies.gbdt import GBDTScorer, flatten_trees, predict_trees
 from kvzap_lab.policies.kvzap_linear import KVzapLinear
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import get_policy
-from kvzap_lab.surrogate import ModelMismatchError, projection_flops_per_token, r2_spearman_mse, synthetic_split
+from kvzap_lab.surrogate import (
+    ModelMismatchError,
+    limited_threads,
+    projection_flops_per_token,
+    r2_spearman_mse,
+    synthetic_split,
+)
 
 N_LAYERS, HIDDEN, KV_HEADS = 2, 24, 2
 FAST_MLP = dict(epochs=10, batch_size=128, width=16)
@@ -75,7 +81,8 @@ def test_mlp_is_a_seeded_sklearn_estimator(data, mlp):
 
 def test_gbdt_flattened_trees_match_sklearn(data):
     X, y = data.X_train[:, 0], data.y_train[:, 0]
-    estimators = [HistGradientBoostingRegressor(max_iter=10, max_features=0.5, random_state=h).fit(X, y[:, h]) for h in range(KV_HEADS)]
+    with limited_threads(1):
+        estimators = [HistGradientBoostingRegressor(max_iter=10, max_features=0.5, random_state=h).fit(X, y[:, h]) for h in range(KV_HEADS)]
     ours = predict_trees(flatten_trees(estimators), data.X_test[:, 0].astype(np.float64), chunk=97)
     ref = np.stack([est.predict(data.X_test[:, 0]) for est in estimators], axis=1)
     np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9)
