@@ -41,6 +41,7 @@ from torch import Tensor
 ENTRY_POINT_GROUP = "kvzap_lab.policies"
 DEFAULT_WINDOW = 32  # the test bed's contexts are short; KVzap uses 128 on 8B models
 DEFAULT_SINKS = 4
+DEFAULT_BUDGET = 64  # TopK pairs per KV head beyond sinks and window
 _BUILTIN_MODULES = (
     "kvzap_linear",
     "kvzap_mlp",
@@ -133,37 +134,39 @@ class Threshold:
 
 @dataclass(frozen=True)
 class TopK:
-    """Keep a fixed budget of the best-scoring pairs: ``budget`` pairs per KV head, or the ``keep_ratio`` fraction
-    of each head's candidates. With ``across_heads`` (AdaKV) the layer's total budget is shared across its heads.
-    Exactly one of ``budget`` and ``keep_ratio`` is set.
+    """Keep the ``budget`` best-scoring candidate pairs of each KV head (a fixed token budget on top of sinks and
+    window). With ``across_heads`` (AdaKV) the layer's ``budget * kv_heads`` pairs are shared across its heads.
+
+    A budget in tokens is stable when the engine offers the held pairs again at every decoding step. ``keep_ratio``,
+    if set, replaces the budget by that fraction of the pairs offered in each call: right for one-shot (prefill)
+    compression, but in decoding it compounds and shrinks the cache geometrically; for a ratio of the context, pass
+    ``budget=ceil(ratio * context_tokens)`` instead.
     """
 
-    keep_ratio: float | None = None
-    budget: int | None = None
+    budget: int = DEFAULT_BUDGET
     across_heads: bool = False
     window: int = DEFAULT_WINDOW
     sinks: int = DEFAULT_SINKS
+    keep_ratio: float | None = None
 
     def __post_init__(self):
-        if (self.keep_ratio is None) == (self.budget is None):
-            raise ValueError(f"TopK takes exactly one of budget or keep_ratio; got budget={self.budget}, keep_ratio={self.keep_ratio}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0:
+            raise ValueError(f"budget is a number of pairs per KV head, an int >= 0; got {self.budget!r}")
         if self.keep_ratio is not None and not 0.0 <= self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio is the fraction of candidate pairs kept, in [0, 1]; got {self.keep_ratio}")
-        if self.budget is not None and self.budget < 0:
-            raise ValueError(f"budget is a number of pairs per KV head, >= 0; got {self.budget}")
+            raise ValueError(f"keep_ratio is the fraction of the offered pairs kept, in [0, 1]; got {self.keep_ratio}")
 
     def keep(self, scores: Tensor, layer: int, valid: Tensor) -> Tensor:
         _check_rule_args(scores, valid, self.window, self.sinks)
         b, h, n = scores.shape
-        flat_scores, flat_valid = (scores, valid) if not self.across_heads else (scores.reshape(b, 1, h * n), valid.reshape(b, 1, h * n))
-        if self.budget is not None:
-            k = torch.full(flat_valid.shape[:2], self.budget * (h if self.across_heads else 1), device=scores.device)
+        flat_scores, flat_valid = (scores.reshape(b, 1, h * n), valid.reshape(b, 1, h * n)) if self.across_heads else (scores, valid)
+        if self.keep_ratio is None:
+            k = torch.tensor(self.budget * (h if self.across_heads else 1), device=scores.device)
         else:
-            k = torch.ceil(flat_valid.sum(-1) * self.keep_ratio)
+            k = torch.ceil(flat_valid.sum(-1, keepdim=True) * self.keep_ratio)
         masked = flat_scores.float().masked_fill(~flat_valid, -math.inf)
         order = masked.argsort(dim=-1, descending=True, stable=True)
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        return ((ranks < k[..., None]) & flat_valid).reshape(b, h, n)
+        return ((ranks < k) & flat_valid).reshape(b, h, n)
 
 
 def calibrate(

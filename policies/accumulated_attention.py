@@ -20,7 +20,7 @@ class AccumulatedAttentionScorer:
     """Initial scores ``[b, kv_heads, t]`` of zeros; the engine accumulates attention on top."""
 
     accumulates_attention = True
-    default_rule = TopK(keep_ratio=0.5)
+    default_rule = TopK()
 
     def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:
         if keys is None:

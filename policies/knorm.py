@@ -15,7 +15,7 @@ class KNormScorer:
     """Scores ``[b, kv_heads, t]`` = -||k|| of each post-RoPE key."""
 
     accumulates_attention = False
-    default_rule = TopK(keep_ratio=0.5)
+    default_rule = TopK()
 
     def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:
         if keys is None:

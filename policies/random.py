@@ -17,7 +17,7 @@ class RandomScorer:
 
     seed: int = 0
     accumulates_attention = False
-    default_rule = TopK(keep_ratio=0.5)
+    default_rule = TopK()
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

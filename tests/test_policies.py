@@ -66,11 +66,15 @@ def test_topk_per_head_and_across_heads():
     assert per_head.tolist() == [[[True, True, False, False], [False, False, True, True]]]
     adakv = TopK(budget=2, across_heads=True).keep(scores, 0, _all_valid(scores))
     assert adakv.tolist() == [[[True, True, True, True], [False, False, False, False]]]  # budget moves to the better head
-    valid = torch.tensor([[[True, True, True, False], [True, False, False, False]]])
+    valid = torch.tensor([[[True, False, True, False], [False, False, False, True]]])
+    padded = TopK(budget=2).keep(scores, 0, valid)
+    assert padded.tolist() == [[[True, False, True, False], [False, False, False, True]]]  # padding never kept
+    # offered again (as the engine does at every decoding step), the kept set is stable
+    assert torch.equal(TopK(budget=2).keep(scores, 0, per_head), per_head)
     by_ratio = TopK(keep_ratio=0.5).keep(scores, 0, valid)
-    assert by_ratio.sum(-1).tolist() == [[2, 1]] and not (by_ratio & ~valid).any()
-    with pytest.raises(ValueError, match="exactly one of budget or keep_ratio"):
-        TopK()
+    assert by_ratio.tolist() == [[[True, False, False, False], [False, False, False, True]]]  # ceil(half) of offered
+    with pytest.raises(ValueError, match="an int >= 0; got 0.5"):
+        TopK(budget=0.5)
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         TopK(keep_ratio=2.0)
 
