@@ -72,6 +72,7 @@ class GBDTScorer(TrainableScorer):
         max_iter: int = 100,
         learning_rate: float = 0.1,
         max_leaf_nodes: int = 31,
+        max_depth: int | None = None,
         min_samples_leaf: int = 20,
         l2_regularization: float = 0.0,
         max_features: float = 0.5,
@@ -83,6 +84,7 @@ class GBDTScorer(TrainableScorer):
         self.max_iter = max_iter
         self.learning_rate = learning_rate
         self.max_leaf_nodes = max_leaf_nodes
+        self.max_depth = max_depth
         self.min_samples_leaf = min_samples_leaf
         self.l2_regularization = l2_regularization
         self.max_features = max_features
@@ -104,6 +106,7 @@ class GBDTScorer(TrainableScorer):
                     max_iter=self.max_iter,
                     learning_rate=self.learning_rate,
                     max_leaf_nodes=self.max_leaf_nodes,
+                    max_depth=self.max_depth,
                     min_samples_leaf=self.min_samples_leaf,
                     l2_regularization=self.l2_regularization,
                     max_features=self.max_features,

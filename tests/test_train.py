@@ -92,7 +92,9 @@ def test_gbdt_scorer_fits(data):
     gbdt = GBDTScorer(**FAST_GBDT).fit(data.X_train, data.y_train)
     r2 = r2_spearman_mse(data.y_test, gbdt.predict(data.X_test))["r2"]
     assert min(r2) > 0.4
-    assert gbdt.flops_per_token() > 0
+    stumps = GBDTScorer(**FAST_GBDT, max_depth=1).fit(data.X_train, data.y_train)
+    assert stumps.flops_per_token() == N_LAYERS * KV_HEADS * FAST_GBDT["max_iter"]  # one comparison per stump
+    assert gbdt.flops_per_token() > 3 * stumps.flops_per_token()
 
 
 @pytest.mark.parametrize("name, params", [("linear", {}), ("mlp", FAST_MLP), ("gbdt", FAST_GBDT)])
