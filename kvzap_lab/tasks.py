@@ -18,8 +18,8 @@ Tasks (``TASKS``):
 - ``variable_tracking``: "var X = NNNNN ." then chains "var Y = X ."; asked which variables hold NNNNN.
 - ``copy``: the KVzip pretext task: the context, an instruction to repeat it exactly, then the context.
 
-Answers restate the key before the value ("apple is 4821", "golden apple maps to 4821"), as a model answering
-in a sentence would; exact match needs the whole answer, so the value must be right.
+As in RULER, the prompt ends with the start of the answer, restating the key (" apple is", " golden apple maps
+to"), and the model generates the value; the prefix is part of ``input_ids`` (after the context span).
 
 Scoring: exact match of the generated answer for every task but ``copy``, which is scored by token accuracy.
 """
@@ -199,14 +199,14 @@ def draw_task(task: str, encode: PieceEncoder, context_tokens: int, rng: random.
         values = [_number(rng, 4) for _ in keys]
         context, _ = build_context(encode, [needle(k, v) for k, v in zip(keys, values)], context_tokens, rng)
         asked = rng.randrange(count)
-        question = f"what is the special magic number for {keys[asked]} ?"
-        return context, question, f"{keys[asked]} is {values[asked]}", {"keys": keys}
+        question = f"what special magic number does {keys[asked]} have ?"
+        return context, question, values[asked], {"keys": keys, "prefix": f"{keys[asked]} is"}
     if task == "multi_value":
         key = rng.choice(KEYS)
         values = [_number(rng, 4) for _ in range(n_needles)]
         context, _ = build_context(encode, [needle(key, v) for v in values], context_tokens, rng)
-        question = f"what are all the special magic numbers for {key} ?"
-        return context, question, f"{key} is " + " , ".join(values), {"keys": [key]}
+        question = f"what special magic numbers does {key} have ?"
+        return context, question, " , ".join(values), {"keys": [key], "prefix": f"{key} is"}
     if task == "kv_retrieval":
         # Facts alone, no filler: as many "ADJ KEY maps to NNNN ." lines as fit.
         line_tokens = len(encode(" golden apple maps to 1234 ."))
@@ -217,8 +217,8 @@ def draw_task(task: str, encode: PieceEncoder, context_tokens: int, rng: random.
         facts = [f"{a} {k} maps to {v} ." for (a, k), v in pairs.items()]
         context, _ = build_context(encode, facts, context_tokens, rng, fill=False)
         (adj, key), value = rng.choice(list(pairs.items()))
-        meta = {"pairs": [(f"{a} {k}", v) for (a, k), v in pairs.items()]}
-        return context, f"what does {adj} {key} map to ?", f"{adj} {key} maps to {value}", meta
+        meta = {"pairs": [(f"{a} {k}", v) for (a, k), v in pairs.items()], "prefix": f"{adj} {key} maps to"}
+        return context, f"what does {adj} {key} map to ?", value, meta
     if task == "variable_tracking":
         names = rng.sample(VARIABLES, 2 * n_needles)
         chain, distractors = names[:n_needles], names[n_needles:]
@@ -291,6 +291,8 @@ def make_samples(
     for _ in range(n):
         context, question, answer, meta = draw_task(task, encode, context_tokens, rng, n_needles)
         input_ids, span = chat_prompt(encode, context, question)
+        if "prefix" in meta:
+            input_ids = input_ids + encode(" " + meta["prefix"])
         if answer is None:  # copy: the answer is the context itself
             answer_ids = list(context) + [encode.special(END)]
             answer = tokenizer.decode(context)

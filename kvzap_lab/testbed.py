@@ -109,11 +109,11 @@ def train_tokenizer(vocab_size: int = 768, seed: int = 0, lines: int = 20000):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def _turn(encode, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """A further user question and assistant answer: (ids, loss mask)."""
+def _turn(encode, question: str, answer: str, prefix: str | None) -> tuple[list[int], list[int]]:
+    """A further user question and assistant answer (after the answer prefix, if any): (ids, loss mask)."""
     end = encode.special(tasks.END)
     prompt = [encode.special(tasks.USER)] + encode("\n" + question) + [end] + encode("\n")
-    prompt += [encode.special(tasks.ASSISTANT)] + encode("\n")
+    prompt += [encode.special(tasks.ASSISTANT)] + encode("\n") + (encode(" " + prefix) if prefix else [])
     answer_ids = tasks.encode_answer(encode, answer)
     return prompt + answer_ids + encode("\n"), [0] * len(prompt) + [1] * len(answer_ids) + [0]
 
@@ -127,15 +127,15 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
         return prompt + context + [end], [0] * len(prompt) + [1] * (len(context) + 1)
     if kind == "kv":
         context, _, _, meta = tasks.draw_task("kv_retrieval", encode, context_tokens, rng, 1)
-        questions = [(f"what does {key} map to ?", f"{key} maps to {value}") for key, value in meta["pairs"]]
+        questions = [(f"what does {key} map to ?", value, f"{key} maps to") for key, value in meta["pairs"]]
         rng.shuffle(questions)
         questions = questions[:8]
     elif kind == "vars":
         context, question, answer, _ = tasks.draw_task("variable_tracking", encode, context_tokens, rng, rng.randint(2, 4))
-        questions = [(question, answer)]
+        questions = [(question, answer, None)]
     elif kind == "multi_value":
-        context, question, answer, _ = tasks.draw_task("multi_value", encode, context_tokens, rng, rng.randint(2, 4))
-        questions = [(question, answer)]
+        context, question, answer, meta = tasks.draw_task("multi_value", encode, context_tokens, rng, rng.randint(2, 4))
+        questions = [(question, answer, meta["prefix"])]
     else:  # recall: needles with distinct keys, several asked; dense_recall packs them with no filler between
         dense = kind == "dense_recall"
         needle_tokens = len(encode(" " + tasks.needle("apple", "1234")))
@@ -145,14 +145,15 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
         facts = [tasks.needle(k, v) for k, v in zip(keys, values)]
         context, _ = tasks.build_context(encode, facts, context_tokens, rng, fill=not dense)
         asked = [rng.randrange(count) for _ in range(rng.randint(4, 12) if dense else rng.randint(2, 8))]
-        questions = [(f"what is the special magic number for {keys[i]} ?", f"{keys[i]} is {values[i]}") for i in asked]
-    first_q, first_a = questions[0]
+        questions = [(f"what special magic number does {keys[i]} have ?", values[i], f"{keys[i]} is") for i in asked]
+    first_q, first_a, first_prefix = questions[0]
     prompt, _ = tasks.chat_prompt(encode, context, first_q)
+    prompt += encode(" " + first_prefix) if first_prefix else []
     answer_ids = tasks.encode_answer(encode, first_a)
     ids = prompt + answer_ids + encode("\n")
     mask = [0] * len(prompt) + [1] * len(answer_ids) + [0]
-    for question, answer in questions[1:]:
-        more_ids, more_mask = _turn(encode, question, answer)
+    for question, answer, prefix in questions[1:]:
+        more_ids, more_mask = _turn(encode, question, answer, prefix)
         ids, mask = ids + more_ids, mask + more_mask
     return ids, mask
 

@@ -26,7 +26,8 @@ def test_samples_are_deterministic_and_exact(task, tokenizer):
         full = sample.input_ids + sample.answer_ids
         assert tokenizer.encode(tokenizer.decode(full), add_special_tokens=False) == full
         prompt = tokenizer.decode(sample.input_ids)
-        assert prompt.startswith("<|bos|><|user|>\n") and prompt.endswith("<|end|>\n<|assistant|>\n")
+        assert prompt.startswith("<|bos|><|user|>\n")
+        assert prompt.endswith("<|end|>\n<|assistant|>\n" + (" " + sample.meta["prefix"] if "prefix" in sample.meta else ""))
         assert sample.question in prompt
         assert sample.answer_ids[-1] == tokenizer.convert_tokens_to_ids(tasks.END)
 
@@ -37,8 +38,10 @@ def test_answer_values_are_in_the_context(task, tokenizer):
         context = tokenizer.decode(sample.context_ids)
         values = [w for w in sample.answer.replace(",", " ").split() if w.isdigit()]
         assert values and all(v in context for v in values)
-        key = sample.answer.split(" is ")[0].split(" maps to ")[0]
+        # The prompt ends with the answer prefix restating the asked key, as RULER's prompts do.
+        key = sample.meta["prefix"].removesuffix(" is").removesuffix(" maps to")
         assert key in context and key in sample.question
+        assert tokenizer.decode(sample.input_ids).endswith("<|assistant|>\n " + sample.meta["prefix"])
 
 
 def test_multi_key_needle_has_distinct_keys(tokenizer):
