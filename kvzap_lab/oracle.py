@@ -41,7 +41,7 @@ from kvzap_lab.model import (
 INSTRUCTION = "\nrepeat the previous context exactly ."
 DEFAULT_CHUNK = 2048
 DEFAULT_ANCHOR = 8
-BLOCK_ELEMENTS = 1 << 22  # attention-row entries held at once per layer call (16 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 20  # attention-row entries held at once per layer call (4 MiB in fp32)
 _SENTINEL = "\u2063KVZAP_CONTEXT\u2063"
 
 
@@ -260,7 +260,7 @@ def _scoring_attention(state: _OracleState, captured: dict, normalize: bool):
             out[:, :, :, q0:q1] = torch.matmul(probs.to(value.dtype), value[:, :, None, :seen])
             block_weight = weight[:, q0:q1]
             if bool(block_weight.any()):
-                scored = probs[..., start:end] * block_weight[:, None, None, :, None]
+                scored = probs[..., start:end].mul_(block_weight[:, None, None, :, None])  # probs are used up
                 best = torch.maximum(best, scored.amax(dim=3))
         state.best[layer] = best
         return out.view(b, heads, q, dim).transpose(1, 2), None
