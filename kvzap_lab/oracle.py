@@ -24,7 +24,7 @@ Public API: :func:`repeat_template`, :func:`repeat_prompt`, :func:`oracle_scores
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
@@ -120,9 +120,8 @@ def oracle_scores(
     ``tokenizer`` is a HF tokenizer or a :class:`RepeatTemplate`; ``context`` text or token ids.
     ``chunk_size=None`` repeats the whole context in one forward pass (reference path).
     """
-    return score_contexts(model, tokenizer, [context], normalize=normalize, chunk_size=chunk_size, anchor=anchor)[
-        0
-    ].scores
+    results = score_contexts(model, tokenizer, [context], normalize=normalize, chunk_size=chunk_size, anchor=anchor)
+    return results[0].scores
 
 
 def decode_oracle_scores(
@@ -151,6 +150,8 @@ def score_contexts(
 ) -> list[OracleResult]:
     """Oracle scores of a batch of contexts (any lengths; rows are right-padded with explicit positions, so each
     result equals the one-by-one result). Returns one :class:`OracleResult` per context."""
+    if len(contexts) == 0:
+        raise ValueError("contexts is empty: pass a list of one or more contexts (text or token ids)")
     template = repeat_template(tokenizer)
     spec = describe(model)
     ids = [_context_ids(tokenizer, c, i, model.config.vocab_size) for i, c in enumerate(contexts)]
@@ -209,8 +210,8 @@ class _OracleState:
 
     query_weight: torch.Tensor | None = None  # [b, q] 1 for scored queries, 0 elsewhere; None: plain attention
     key_span: tuple[int, int] = (0, 0)  # cache columns of the context pairs
-    best: dict[int, torch.Tensor] | None = None  # layer -> [b, kv_heads, group, width] running max
-    values: dict[int, torch.Tensor] | None = None  # layer -> [b, kv_heads, width, head_dim] context values
+    best: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [b, kv_heads, group, width] running max
+    values: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [b, kv_heads, width, head_dim]
 
 
 def _allowed_keys(attention_mask, q: int, kv: int, heads: int, kv_heads: int, q0: int, q1: int, device):
@@ -311,13 +312,6 @@ def _forward(model, ids, attention_mask, positions, cache=None):
     )
 
 
-def _start_scoring(state: _OracleState, width: int, prefix: int, weight: torch.Tensor) -> None:
-    state.key_span = (prefix, prefix + width)
-    state.query_weight = weight
-    if state.best is None:
-        state.best, state.values = {}, {}
-
-
 def _run_unchunked(model, template, ids, state, captured, return_hidden):
     """One forward over the whole repeat prompts; the repeated copies are the scored queries."""
     device = model.device
@@ -327,7 +321,8 @@ def _run_unchunked(model, template, ids, state, captured, return_hidden):
     for row, prompt in enumerate(prompts):
         weight[row, slice(*prompt.repeat_span)] = 1.0
     positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-    _start_scoring(state, max(len(c) for c in ids), len(template.prefix), weight)
+    state.key_span = (len(template.prefix), len(template.prefix) + max(len(c) for c in ids))
+    state.query_weight = weight
     _forward(model, tokens, real, positions)
     return _stack_hidden(captured) if return_hidden else None
 
@@ -350,7 +345,7 @@ def _run_chunked(model, template, ids, state, captured, chunk_size, anchor, retu
         if return_hidden:
             hidden_parts.append(_stack_hidden(captured))
     chunks = [[c[i : i + chunk_size] for i in range(0, len(c), chunk_size)] for c in ids]
-    _start_scoring(state, max(len(c) for c in ids), len(prefix), None)
+    state.key_span = (len(prefix), len(prefix) + max(len(c) for c in ids))
     for k in range(max(len(c) for c in chunks)):
         rows, leads = [], []
         for row_chunks in chunks:

@@ -220,3 +220,24 @@ def test_collection_survives_kill_9_and_resumes_to_the_same_data(checkpoint, tmp
     ) == sorted((e["file"], e["sequences"]) for e in uninterrupted.manifest["shards"])
     for name in ("X_train", "y_train", "X_test", "y_test", "groups_train", "groups_test"):
         torch.testing.assert_close(getattr(resumed, name), getattr(uninterrupted, name), atol=1e-5, rtol=0)
+
+
+def test_x_comes_from_the_prompt_that_holds_the_context(checkpoint, tmp_path):
+    """A context read after other tokens than the repeat template's prefix gets its X from its own prompt."""
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    ids = tokenizer.encode(" the red fox sees the owl . the owl is calm in the morning .", add_special_tokens=False)
+    prefix = tokenizer.encode("<|bos|><|user|>\nsome other preamble :", add_special_tokens=False)
+    settings = {"model_name": "tiny", "source": {"kind": "test"}, "seed": 3, "test_fraction": 0.0,
+                "tokens_per_sequence": 5, "dtype": "float32",
+                "oracle": {"normalize": True, "chunk_size": 2048, "anchor": 8}}
+    summary = collect.collect(model, tokenizer, [collect.Context(ids, prefix, "test")], tmp_path / "d", settings,
+                              show_progress=False)
+    assert (summary["n_train"], summary["n_test"]) == (5, 0)
+    dataset = load_dataset(tmp_path / "d", model)
+    positions = collect.sample_positions(len(ids), 5, seed=3, sequence=0)
+    with torch.no_grad(), capture_attention_inputs(model) as hidden:
+        model(torch.tensor([prefix + ids]))
+    expected = torch.stack([hidden[i][0, len(prefix) + positions] for i in range(2)], dim=1)
+    torch.testing.assert_close(dataset.X_train, expected, atol=1e-5, rtol=0)
+    scores = oracle.oracle_scores(model, tokenizer, ids)  # y: the oracle on the context alone
+    torch.testing.assert_close(dataset.y_train, scores[:, :, positions].permute(2, 0, 1), atol=1e-5, rtol=0)
