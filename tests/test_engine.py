@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvzap_lab.engine import evicting, generate, left_pad
-from kvzap_lab.model import UnsupportedModelError, attention_override, describe, random_tiny_model
+from kvzap_lab.model import SUPPORTED_ARCHITECTURES, UnsupportedModelError, attention_override, describe, random_tiny_model
 from kvzap_lab.policy import Policy, Threshold, TopK
 
 WINDOW, SINKS, CHUNK = 8, 2, 16
@@ -238,3 +238,22 @@ def test_generation_stops_at_eos_and_at_the_first_mismatch_with_expected():
     expected = [free.tokens[0][:3] + [-5, 7], free.tokens[1]]
     checked = generate(model, rows, None, 12, eos_token_id=[], expected=expected)
     assert checked.tokens == [free.tokens[0][:4], free.tokens[1]]
+
+
+# Importing transformers' Gemma3 takes ~10 s of CPU (it pulls in its multimodal stack): slow-marked.
+ARCHITECTURES = [pytest.param(m, marks=pytest.mark.slow) if m == "gemma3_text" else m for m in sorted(SUPPORTED_ARCHITECTURES)]
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_full_cache_engine_matches_plain_forward_for_every_architecture(model_type):
+    """Chunked prefill and decode steps through the engine give the model's own logits (Gemma3's sliding-window
+    layers included: the sequence is longer than its window of 32)."""
+    model = random_tiny_model(model_type, seed=0)
+    ids = torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        with evicting(model, None) as run:
+            cache = run.new_cache()
+            got = [model(ids[:, s : s + 16], cache=cache).logits for s in range(0, 64, 16)]
+            got += [model(ids[:, t : t + 1], cache=cache).logits for t in range(64, 70)]
+    torch.testing.assert_close(torch.cat(got, 1), reference, atol=1e-5, rtol=0)
