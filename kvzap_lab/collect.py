@@ -149,6 +149,10 @@ def collect(
     started = time.perf_counter()
     out = Path(out)
     spec = describe(model)
+    oracle_settings = settings["oracle"]
+    oracle.check_fits(
+        model, tokenizer, max(len(c.ids) for c in contexts), oracle_settings["chunk_size"], oracle_settings["anchor"]
+    )
     split = split_sequences(len(contexts), settings["test_fraction"], settings["seed"])
     shards = [
         {"file": f"{name}-{k // shard_size:05d}.safetensors", "split": name, "sequences": split[name][k : k + shard_size]}
@@ -223,6 +227,36 @@ def _open_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
     return manifest
 
 
+def _run(args) -> dict:
+    """Load the model, build the contexts and settings from parsed CLI arguments, and collect."""
+    model, tokenizer = load_model(args.model, device=args.device)
+    model_name = "testbed" if args.model == "testbed" else Path(args.model).name
+    out = args.out or Path("results/data") / model_name
+    if args.text_files:
+        prefix = list(oracle.repeat_template(tokenizer).prefix)
+        contexts = text_contexts(tokenizer, args.text_files, args.n_sequences, args.context_tokens, args.seed, prefix)
+        source = {"kind": "text", "files": [str(f) for f in args.text_files]}
+    else:
+        from kvzap_lab import tasks
+
+        names = list(tasks.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        contexts = task_contexts(tokenizer, names, args.n_sequences, args.context_tokens, args.seed)
+        source = {"kind": "tasks", "tasks": names}
+    settings = {
+        "model_name": model_name,
+        "source": dict(source, context_tokens=args.context_tokens),
+        "seed": args.seed,
+        "test_fraction": args.test_fraction,
+        "tokens_per_sequence": args.tokens_per_sequence,
+        "dtype": args.dtype,
+        "oracle": {"normalize": not args.kvzip, "chunk_size": args.chunk_size, "anchor": args.anchor},
+    }
+    return collect(
+        model, tokenizer, contexts, out, settings, shard_size=args.shard_size, batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="testbed", help="'testbed', a checkpoint directory or a hub name")
@@ -251,40 +285,15 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, device=args.device)
-    model_name = "testbed" if args.model == "testbed" else Path(args.model).name
-    out = args.out or Path("results/data") / model_name
-    if args.text_files:
-        prefix = list(oracle.repeat_template(tokenizer).prefix)
-        contexts = text_contexts(tokenizer, args.text_files, args.n_sequences, args.context_tokens, args.seed, prefix)
-        source = {"kind": "text", "files": [str(f) for f in args.text_files]}
-    else:
-        from kvzap_lab import tasks
-
-        names = list(tasks.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        contexts = task_contexts(tokenizer, names, args.n_sequences, args.context_tokens, args.seed)
-        source = {"kind": "tasks", "tasks": names}
-    settings = {
-        "model_name": model_name,
-        "source": dict(source, context_tokens=args.context_tokens),
-        "seed": args.seed,
-        "test_fraction": args.test_fraction,
-        "tokens_per_sequence": args.tokens_per_sequence,
-        "dtype": args.dtype,
-        "oracle": {"normalize": not args.kvzip, "chunk_size": args.chunk_size, "anchor": args.anchor},
-    }
     try:
-        summary = collect(
-            model, tokenizer, contexts, out, settings, shard_size=args.shard_size, batch_size=args.batch_size,
-            overwrite=args.overwrite,
-        )
-    except data.DatasetError as err:
+        summary = _run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message says what is wrong
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"wrote {summary['n_train']} train / {summary['n_test']} test rows to {out} in {summary['seconds']} s")
+        print(f"wrote {summary['n_train']} train / {summary['n_test']} test rows to {summary['out']} in {summary['seconds']} s")
     return 0
 
 

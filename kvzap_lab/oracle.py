@@ -155,23 +155,7 @@ def score_contexts(
     template = repeat_template(tokenizer)
     spec = describe(model)
     ids = [_context_ids(tokenizer, c, i, model.config.vocab_size) for i, c in enumerate(contexts)]
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
-    if anchor < 0:
-        raise ValueError(f"anchor must be >= 0 tokens, got {anchor}")
-    longest = max(len(c) for c in ids)
-    if chunk_size is None:
-        need = len(template.prefix) + 2 * longest + len(template.middle)
-        hint = "pass chunk_size to repeat it chunk by chunk"
-    else:
-        step = len(template.middle) + min(chunk_size, longest) + (anchor if longest > chunk_size else 0)
-        need = len(template.prefix) + longest + step
-        hint = "use a shorter context or a smaller chunk_size"
-    if need > spec.max_positions:
-        raise ValueError(
-            f"a context of {longest} tokens needs {need} positions for its repeat prompt but the model covers "
-            f"{spec.max_positions} (max_position_embeddings); {hint}"
-        )
+    check_fits(model, template, max(len(c) for c in ids), chunk_size, anchor)
     state = _OracleState()
     with torch.no_grad(), capture_attention_inputs(model) as captured:
         attend = _scoring_attention(state, captured, normalize)
@@ -187,6 +171,29 @@ def score_contexts(
         row_hidden = None if hidden is None else hidden[row, len(template.prefix) : len(template.prefix) + n]
         results.append(OracleResult(scores[row, :, :, :n].contiguous(), row_hidden))
     return results
+
+
+def check_fits(model: nn.Module, tokenizer, longest: int, chunk_size: int | None, anchor: int = DEFAULT_ANCHOR) -> None:
+    """Raise a ValueError unless contexts of ``longest`` tokens can be scored with these settings: the repeat
+    prompt (or, chunked, the context plus one chunk's repeat) must fit in the model's positions."""
+    template = repeat_template(tokenizer)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
+    if anchor < 0:
+        raise ValueError(f"anchor must be >= 0 tokens, got {anchor}")
+    if chunk_size is None:
+        need = len(template.prefix) + 2 * longest + len(template.middle)
+        hint = "pass chunk_size to repeat it chunk by chunk"
+    else:
+        step = len(template.middle) + min(chunk_size, longest) + (anchor if longest > chunk_size else 0)
+        need = len(template.prefix) + longest + step
+        hint = "use a shorter context or a smaller chunk_size"
+    max_positions = describe(model).max_positions
+    if need > max_positions:
+        raise ValueError(
+            f"a context of {longest} tokens needs {need} positions for its repeat prompt but the model covers "
+            f"{max_positions} (max_position_embeddings); {hint}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- internals
