@@ -155,9 +155,9 @@ def collect(
     )
     split = split_sequences(len(contexts), settings["test_fraction"], settings["seed"])
     shards = [
-        {"file": f"{name}-{k // shard_size:05d}.safetensors", "split": name, "sequences": split[name][k : k + shard_size]}
-        for name in data.SPLITS
-        for k in range(0, len(split[name]), shard_size)
+        {"file": f"{name}-{k // shard_size:05d}.safetensors", "split": name, "sequences": ids[k : k + shard_size]}
+        for name, ids in split.items()
+        for k in range(0, len(ids), shard_size)
     ]
     template = oracle.repeat_template(tokenizer)
     settings = dict(
@@ -214,7 +214,8 @@ def _open_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
         existing = None
     if existing is not None:
         data.remove_temporaries(out)
-        differs = sorted(k for k in (set(settings) | set(existing)) - {"shards", "complete"} if existing.get(k) != settings.get(k))
+        keys = (set(settings) | set(existing)) - {"shards", "complete"}
+        differs = sorted(k for k in keys if existing.get(k) != settings.get(k))
         if differs:
             raise data.DatasetError(
                 f"{out} holds a collection with other settings (they differ in: {', '.join(differs)}); "
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"wrote {summary['n_train']} train / {summary['n_test']} test rows to {summary['out']} in {summary['seconds']} s")
+        rows = f"{summary['n_train']} train / {summary['n_test']} test rows"
+        print(f"wrote {rows} to {summary['out']} in {summary['seconds']} s")
     return 0
 
 

@@ -102,7 +102,9 @@ def read_manifest(directory: Path) -> dict | None:
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path} is not valid JSON ({err}); delete the directory and collect again") from err
     if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path} is not a kvzap-lab oracle dataset (format {manifest.get('format')!r}, want {FORMAT!r})")
+        raise DatasetError(
+            f"{path} is not a kvzap-lab oracle dataset (format {manifest.get('format')!r}, want {FORMAT!r})"
+        )
     return manifest
 
 
@@ -150,7 +152,8 @@ def load_dataset(path: str | Path, model=None, *, allow_partial: bool = False) -
             f"{directory} is an unfinished collection ({len(manifest['shards'])} of {manifest['n_shards']} shards); "
             "rerun the same collect command to finish it, or pass allow_partial=True"
         )
-    layers, hidden, kv_heads = manifest["shapes"]["layers"], manifest["shapes"]["hidden"], manifest["shapes"]["kv_heads"]
+    shapes = manifest["shapes"]
+    layers, hidden, kv_heads = shapes["layers"], shapes["hidden"], shapes["kv_heads"]
     parts: dict[str, list[dict[str, torch.Tensor]]] = {split: [] for split in SPLITS}
     for entry in manifest["shards"]:
         parts[entry["split"]].append(_read_shard(directory, entry))

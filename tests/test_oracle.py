@@ -29,7 +29,8 @@ def random_ids(n, seed, vocab=128):
 
 def eager_twin(model):
     """The same weights with eager attention (the reference never touches the oracle's attention code)."""
-    twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="eager", dtype=torch.float32)
+    config = copy.deepcopy(model.config)
+    twin = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     twin.load_state_dict(model.state_dict())
     return twin.eval()
 
@@ -73,7 +74,8 @@ def reference_scores(eager, template, context, normalize=True, chunk_size=None, 
         lead = middle + (chunks[k - 1][-anchor:] if k > 0 else [])
         sequence = prefix + context + lead + chunk
         start = len(prefix) + len(context) + len(lead)
-        raw = reference_raw(eager, sequence, (len(prefix), len(prefix) + len(context)), (start, len(sequence)), normalize)
+        context_span = (len(prefix), len(prefix) + len(context))
+        raw = reference_raw(eager, sequence, context_span, (start, len(sequence)), normalize)
         best = raw if best is None else torch.maximum(best, raw)
     return best.log()
 
