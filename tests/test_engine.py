@@ -219,6 +219,14 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="attention_mask must be 2-D"):
         with evicting(model, Policy("p", scorer, Threshold(tau=0.0))), torch.no_grad():
             model(torch.randint(3, 128, (1, 5)), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    from kvzap_lab.policies.kvzap_linear import KVzapLinear
+    from kvzap_lab.surrogate import ModelMismatchError
+
+    gen = torch.Generator().manual_seed(0)
+    other = KVzapLinear().fit(torch.randn(64, 2, 32, generator=gen).numpy(), torch.randn(64, 2, 2, generator=gen).numpy())
+    with pytest.raises(ModelMismatchError, match="hidden_size"):
+        with evicting(model, Policy("kvzap_linear", other, Threshold(tau=0.0))):
+            pass
     gpt2 = torch.nn.Module()
     gpt2.config = type("Config", (), {"model_type": "gpt2"})()
     with pytest.raises(UnsupportedModelError, match="not supported"):
