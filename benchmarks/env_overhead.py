@@ -1,0 +1,148 @@
+"""Env overhead: one ``KVEvictionEnv.step`` against one bare engine decode step, and vector-env throughput.
+
+    OMP_NUM_THREADS=1 python benchmarks/env_overhead.py [--policy oracle --tau -6] [--reps 5] [--json]
+
+1. Step overhead. The same policy (``--policy`` with a ``Threshold(--tau)`` rule), the same sample (the
+   ``copy`` task: a long teacher-forced decode) and the same tokens, measured side by side in interleaved
+   repetitions: the bare engine (``with evicting(model, policy, evict_every=1)``: prefill in chunks, then one
+   ``model(...)`` per reference token) and the env (``KVEvictionEnv`` with ``PolicyAgent(policy)``, teacher
+   forcing, ``evict_every=1``). Per decode step: median over repetitions of the mean step time. The env step
+   excludes the agent's ``act`` (timed apart). The achieved compressions of both are printed (they must match).
+2. Vector throughput. Episodes per second of ``KVEvictionVectorEnv`` at N = 1, 4, 8 and of the single env
+   (references cached, the same pool of ``single_needle`` samples), in interleaved repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from kvzap_lab import tasks
+from kvzap_lab.engine import evicting
+from kvzap_lab.envs.kv_eviction import KVEvictionEnv, KVEvictionVectorEnv, PolicyAgent, ReferenceCache
+from kvzap_lab.model import load_model
+from kvzap_lab.policy import Threshold, get_policy
+
+
+@torch.no_grad()
+def bare_decode(model, policy, sample, chunk: int) -> tuple[float, float]:
+    """Mean seconds per teacher-forced decode step of the bare engine, and the final compression."""
+    ids = torch.tensor([sample.input_ids])
+    with evicting(model, policy, evict_every=1) as run:
+        cache = run.new_cache()
+        for start in range(0, ids.shape[1], chunk):
+            model(input_ids=ids[:, start : start + chunk], cache=cache, logits_to_keep=1)
+        answer = sample.answer_ids[:-1]
+        started = time.perf_counter()
+        for token in answer:
+            model(input_ids=torch.tensor([[token]]), cache=cache, logits_to_keep=1)
+        seconds = (time.perf_counter() - started) / len(answer)
+    return seconds, cache.compression().overall
+
+
+def env_decode(env: KVEvictionEnv, agent: PolicyAgent) -> tuple[float, float, float]:
+    """Mean seconds per decode-phase ``env.step`` (agent excluded), mean ``act`` seconds, final compression."""
+    obs, info = env.reset(options={"sample": 0})
+    step_times, act_times = [], []
+    while True:
+        started = time.perf_counter()
+        action = agent.act(obs)
+        acted = time.perf_counter()
+        decoding = info["phase"] == "decode"
+        obs, _, terminated, _, info = env.step(action)
+        if decoding and not terminated:
+            step_times.append(time.perf_counter() - acted)
+            act_times.append(acted - started)
+        if terminated:
+            return statistics.fmean(step_times), statistics.fmean(act_times), info["compression"]
+
+
+def episodes_per_second(env, agent: PolicyAgent, n_episodes: int, vector: bool) -> float:
+    """Completed episodes per second (the first ``n_episodes`` to finish)."""
+    obs, _ = env.reset(seed=0)
+    done, started = 0, time.perf_counter()
+    while done < n_episodes:
+        obs, _, terminated, _, _ = env.step(agent.act(obs))
+        if vector:
+            done += int(terminated.sum())
+        elif terminated:
+            done += 1
+            obs, _ = env.reset()
+    return done / (time.perf_counter() - started)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", default="oracle")
+    parser.add_argument("--tau", type=float, default=-6.0)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--copy-tokens", type=int, default=256, help="context (= answer) length of the copy sample")
+    parser.add_argument("--context-tokens", type=int, default=256, help="context length of the throughput samples")
+    parser.add_argument("--episodes", type=int, default=16, help="episodes per throughput measurement")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_model("testbed")
+    policy = get_policy(args.policy, rule=Threshold(tau=args.tau, window=args.window))
+    agent = PolicyAgent(policy)
+    copy = tasks.make_samples("copy", tokenizer, 1, args.copy_tokens, seed=0)
+    env = KVEvictionEnv(model, tokenizer, samples=copy, policy=policy, chunk_size=args.chunk)
+    env.reset(options={"sample": 0})  # references cached, warm-up; sets the oracle table the bare run reads too
+    env.close()  # an env holds the model's eviction hooks mid-episode; the bare run needs them off
+    bare_times, env_times, act_times = [], [], []
+    for _ in range(args.reps):
+        seconds, bare_compression = bare_decode(model, policy, copy[0], args.chunk)
+        bare_times.append(seconds)
+        seconds, act, env_compression = env_decode(env, agent)
+        env_times.append(seconds)
+        act_times.append(act)
+    bare, stepped = statistics.median(bare_times), statistics.median(env_times)
+    result = {
+        "device": str(next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+        "bare_step_ms": 1e3 * bare,
+        "env_step_ms": 1e3 * stepped,
+        "agent_act_ms": 1e3 * statistics.median(act_times),
+        "step_ratio": stepped / bare,
+        "bare_compression": bare_compression,
+        "env_compression": env_compression,
+    }
+    print(f"decode step ({args.policy}, tau={args.tau}, copy {args.copy_tokens} tokens, {args.reps} interleaved reps, "
+          f"{result['device']}, {result['threads']} threads)")
+    print(f"  bare engine {result['bare_step_ms']:.3f} ms | env.step {result['env_step_ms']:.3f} ms | "
+          f"ratio {result['step_ratio']:.3f} (target <= 1.25) | agent.act {result['agent_act_ms']:.3f} ms")
+    print(f"  compression: bare {bare_compression:.4f}, env {env_compression:.4f}")
+
+    pool = tasks.make_samples("single_needle", tokenizer, 8, args.context_tokens, seed=0)
+    references = ReferenceCache(model, tokenizer)
+    references.get(pool)  # computed once, shared: throughput excludes the oracle passes
+    options = dict(samples=pool, policy=policy, chunk_size=args.chunk, reference_cache=references)
+    envs = {"single": KVEvictionEnv(model, tokenizer, **options)}
+    envs |= {f"vector N={n}": KVEvictionVectorEnv(n, model, tokenizer, **options) for n in (1, 4, 8)}
+    rates: dict[str, list[float]] = {name: [] for name in envs}
+    for _ in range(args.reps):
+        for name, env_ in envs.items():
+            rates[name].append(episodes_per_second(env_, agent, args.episodes, name != "single"))
+    throughput = {name: statistics.median(r) for name, r in rates.items()}
+    result["episodes_per_second"] = throughput
+    result["vector8_over_single"] = throughput["vector N=8"] / throughput["single"]
+    print(f"episode throughput (single_needle {args.context_tokens} tokens, {args.episodes} episodes, median of {args.reps})")
+    for name, rate in throughput.items():
+        print(f"  {name:<12} {rate:7.2f} episodes/s  ({rate / throughput['single']:.2f}x single env)")
+    print(f"  N=8 over one env: {result['vector8_over_single']:.2f}x (target >= 4)")
+    for env_ in envs.values():
+        env_.close()
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
