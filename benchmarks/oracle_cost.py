@@ -1,6 +1,6 @@
 """Cost of the KVzip+ oracle relative to a plain prefill, and its peak memory chunked vs unchunked.
 
-    python benchmarks/oracle_cost.py [--lengths 512 1024 2048] [--repeats 3] [--chunk-size 1024] [--threads N] [--json]
+    python benchmarks/oracle_cost.py [--lengths 512 1024 2048] [--repeats 3] [--chunk-size 2048] [--threads N] [--json]
 
 Time (CPU time of this process, ``time.process_time``, so that other jobs on the machine do not count; run with
 ``--threads 1`` on a shared machine, as idle worker threads would otherwise spin): for each context length, a
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="oracle chunk for timing (0 = unchunked)")
+    parser.add_argument("--chunk-size", type=int, default=oracle.DEFAULT_CHUNK, help="oracle chunk for timing (0 = unchunked)")
     parser.add_argument("--memory-tokens", type=int, default=2000, help="context length of the memory comparison")
     parser.add_argument("--memory-chunks", type=int, nargs="+", default=[0, 1024, 256], help="0 = unchunked")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

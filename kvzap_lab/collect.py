@@ -150,9 +150,8 @@ def collect(
     out = Path(out)
     spec = describe(model)
     oracle_settings = settings["oracle"]
-    oracle.check_fits(
-        model, tokenizer, max(len(c.ids) for c in contexts), oracle_settings["chunk_size"], oracle_settings["anchor"]
-    )
+    longest = max(len(c.ids) for c in contexts)
+    oracle.repeat_chunk(model, tokenizer, longest, oracle_settings["chunk_size"], oracle_settings["anchor"])
     split = split_sequences(len(contexts), settings["test_fraction"], settings["seed"])
     shards = [
         {"file": f"{name}-{k // shard_size:05d}.safetensors", "split": name, "sequences": ids[k : k + shard_size]}

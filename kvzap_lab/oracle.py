@@ -118,7 +118,8 @@ def oracle_scores(
     """Log KVzip+ scores (log KVzip with ``normalize=False``) of one context: ``[layers, kv_heads, n]`` float32.
 
     ``tokenizer`` is a HF tokenizer or a :class:`RepeatTemplate`; ``context`` text or token ids.
-    ``chunk_size=None`` repeats the whole context in one forward pass (reference path).
+    ``chunk_size`` is the largest repeat chunk (see :func:`repeat_chunk`); ``chunk_size=None`` repeats the whole
+    context in one forward pass (reference path).
     """
     results = score_contexts(model, tokenizer, [context], normalize=normalize, chunk_size=chunk_size, anchor=anchor)
     return results[0].scores
@@ -155,7 +156,7 @@ def score_contexts(
     template = repeat_template(tokenizer)
     spec = describe(model)
     ids = [_context_ids(tokenizer, c, i, model.config.vocab_size) for i, c in enumerate(contexts)]
-    check_fits(model, template, max(len(c) for c in ids), chunk_size, anchor)
+    sizes = [repeat_chunk(model, template, len(c), chunk_size, anchor) for c in ids]
     state = _OracleState()
     with torch.no_grad(), capture_attention_inputs(model) as captured:
         attend = _scoring_attention(state, captured, normalize)
@@ -163,7 +164,7 @@ def score_contexts(
             if chunk_size is None:
                 hidden = _run_unchunked(model, template, ids, state, captured, return_hidden)
             else:
-                hidden = _run_chunked(model, template, ids, state, captured, chunk_size, anchor, return_hidden)
+                hidden = _run_chunked(model, template, ids, state, captured, chunk_size, sizes, anchor, return_hidden)
         scores = _finish_scores(model, state, normalize, spec)  # [b, layers, kv_heads, width]
     results = []
     for row, context in enumerate(ids):
@@ -173,27 +174,35 @@ def score_contexts(
     return results
 
 
-def check_fits(model: nn.Module, tokenizer, longest: int, chunk_size: int | None, anchor: int = DEFAULT_ANCHOR) -> None:
-    """Raise a ValueError unless contexts of ``longest`` tokens can be scored with these settings: the repeat
-    prompt (or, chunked, the context plus one chunk's repeat) must fit in the model's positions."""
+def repeat_chunk(model: nn.Module, tokenizer, n: int, chunk_size: int | None, anchor: int = DEFAULT_ANCHOR) -> int:
+    """The chunk size used for a context of ``n`` tokens: the whole context when its repeat fits in one chunk and
+    in the model's positions, else ``chunk_size`` shrunk, if needed, so that the context plus one chunk's repeat
+    (instruction, anchor, chunk) fits in ``max_position_embeddings``. Raises ValueError when nothing fits, or,
+    for ``chunk_size=None`` (one forward over the whole repeat prompt), when that prompt does not fit."""
     template = repeat_template(tokenizer)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
     if anchor < 0:
         raise ValueError(f"anchor must be >= 0 tokens, got {anchor}")
-    if chunk_size is None:
-        need = len(template.prefix) + 2 * longest + len(template.middle)
-        hint = "pass chunk_size to repeat it chunk by chunk"
-    else:
-        step = len(template.middle) + min(chunk_size, longest) + (anchor if longest > chunk_size else 0)
-        need = len(template.prefix) + longest + step
-        hint = "use a shorter context or a smaller chunk_size"
     max_positions = describe(model).max_positions
-    if need > max_positions:
+    room = max_positions - len(template.prefix) - n - len(template.middle)  # positions left for one repeat
+    if chunk_size is None:
+        if n > room:
+            raise ValueError(
+                f"a context of {n} tokens needs {max_positions - room + n} positions for its repeat prompt but the "
+                f"model covers {max_positions} (max_position_embeddings); pass chunk_size to repeat it chunk by chunk"
+            )
+        return n
+    if n <= min(chunk_size, room):
+        return n
+    size = min(chunk_size, room - anchor)
+    if size < 1:
         raise ValueError(
-            f"a context of {longest} tokens needs {need} positions for its repeat prompt but the model covers "
-            f"{max_positions} (max_position_embeddings); {hint}"
+            f"a context of {n} tokens leaves no room for a repeat chunk: template prefix {len(template.prefix)} + "
+            f"context {n} + instruction {len(template.middle)} + anchor {anchor} + 1 > {max_positions} positions "
+            "(max_position_embeddings); use a shorter context"
         )
+    return size
 
 
 # ----------------------------------------------------------------------------------------------- internals
@@ -334,9 +343,10 @@ def _run_unchunked(model, template, ids, state, captured, return_hidden):
     return _stack_hidden(captured) if return_hidden else None
 
 
-def _run_chunked(model, template, ids, state, captured, chunk_size, anchor, return_hidden):
-    """Prefill ``prefix + context`` once (in chunks of ``chunk_size``), then repeat the context chunk by chunk on
-    that cache: step k feeds ``middle + anchor + chunk_k`` (no anchor for the first chunk) and scores chunk_k."""
+def _run_chunked(model, template, ids, state, captured, chunk_size, sizes, anchor, return_hidden):
+    """Prefill ``prefix + context`` once (in pieces of ``chunk_size``), then repeat each context chunk by chunk (row
+    r in chunks of ``sizes[r]``) on that cache: step k feeds ``middle + anchor + chunk_k`` (no anchor for the
+    first chunk) and scores chunk_k."""
     from transformers import DynamicCache
 
     device = model.device
@@ -351,7 +361,7 @@ def _run_chunked(model, template, ids, state, captured, chunk_size, anchor, retu
         _forward(model, tokens[:, s:e], real[:, :e], positions[:, s:e], cache)
         if return_hidden:
             hidden_parts.append(_stack_hidden(captured))
-    chunks = [[c[i : i + chunk_size] for i in range(0, len(c), chunk_size)] for c in ids]
+    chunks = [[c[i : i + size] for i in range(0, len(c), size)] for c, size in zip(ids, sizes)]
     state.key_span = (len(prefix), len(prefix) + max(len(c) for c in ids))
     for k in range(max(len(c) for c in chunks)):
         rows, leads = [], []

@@ -98,9 +98,9 @@ def test_collect_tasks_rows_are_oracle_scores_and_prompt_hidden_states(checkpoin
     assert code == 0 and again["shards_written"] == 0 and again["shards_resumed"] == 4
     assert collect.main(["--model", str(checkpoint), "--out", str(out), *map(str, BASE), "--seed", "1"]) == 2
     assert "differ in: seed, split" in capsys.readouterr().err
-    too_long = ["--model", checkpoint, "--out", tmp_path / "long", "--tasks", "copy", "--context-tokens", 600]
+    too_long = ["--model", checkpoint, "--out", tmp_path / "long", "--tasks", "copy", "--context-tokens", 1010]
     assert collect.main([str(a) for a in too_long]) == 2
-    assert "needs 1214 positions for its repeat prompt but the model covers 1024" in capsys.readouterr().err
+    assert "1010 tokens leaves no room for a repeat chunk" in capsys.readouterr().err
     assert not (tmp_path / "long").exists()  # refused before anything is written
     code, replaced = run_cli(["--model", checkpoint, "--out", out, *BASE, "--dtype", "bfloat16", "--overwrite"], capsys)
     assert code == 0 and replaced["shards_written"] == 4

@@ -163,9 +163,15 @@ def test_bad_input_is_named():
         oracle_scores(model, TEMPLATE, [5, 300])
     with pytest.raises(ValueError, match="needs 66 positions .* covers 64 .* pass chunk_size"):
         oracle_scores(model, TEMPLATE, random_ids(30, 0), chunk_size=None)
-    # chunking handles a context whose repeat prompt is longer than the model's positions
-    assert torch.isfinite(oracle_scores(model, TEMPLATE, random_ids(40, 0), chunk_size=10)).all()
-    with pytest.raises(ValueError, match="needs 74 positions .* covers 64 .* smaller chunk_size"):
+    # chunking handles a context whose repeat prompt is longer than the model's positions: the chunk shrinks
+    # to what fits (64 positions - prefix 2 - context 40 - instruction 4 - anchor 8 = 10 tokens)
+    context = random_ids(40, 0)
+    assert oracle.repeat_chunk(model, TEMPLATE, 40, 2048) == 10
+    assert oracle.repeat_chunk(model, TEMPLATE, 9, 2048) == 9
+    shrunk = oracle_scores(model, TEMPLATE, context)
+    torch.testing.assert_close(shrunk, oracle_scores(model, TEMPLATE, context, chunk_size=10), atol=1e-5, rtol=0)
+    assert torch.isfinite(shrunk).all()
+    with pytest.raises(ValueError, match=r"50 tokens leaves no room for a repeat chunk: .* \+ 1 > 64 positions"):
         oracle_scores(model, TEMPLATE, random_ids(50, 0), chunk_size=10)
     with pytest.raises(TypeError, match="needs a tokenizer"):
         oracle_scores(model, TEMPLATE, "some text")
