@@ -16,6 +16,9 @@ loop with chunked prefill built on it. Semantics are DMS/KVzap's:
 - evicted pairs leave the attention at once (masked) and the storage at the next compaction (after every
   multi-token forward and every ``compact_every`` decode steps), which keeps the per-step work small.
 
+KVzap linear and MLP scorers run through the fused scoring kernel (:func:`kvzap_lab.kernels.score_and_threshold`,
+Triton on CUDA, torch elsewhere); compaction through :func:`kvzap_lab.kernels.compact`.
+
 Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
 layer's sliding window, if any). New tokens get their true positions: each row counts its real tokens, so left
 padding is ignored, as in ``model.generate``. ``policy=None`` runs the same engine as a full cache.
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
 from kvzap_lab.cache import CompactCache, Compression
+from kvzap_lab.kernels import ScorerWeights, score_and_threshold
 from kvzap_lab.model import UnsupportedModelError, attention_override, capture_attention_inputs, describe
 from kvzap_lab.policy import Policy
 
@@ -60,6 +64,17 @@ def check_policy(model: nn.Module, policy: Policy | None) -> None:
         policy.scorer.check_model(model)
 
 
+def fused_weights(model: nn.Module, policy: Policy | None) -> list[ScorerWeights] | None:
+    """Per-layer :class:`~kvzap_lab.kernels.ScorerWeights` of a KVzap linear or one-hidden-layer MLP scorer (its
+    ``weights_``), on the model's device and in its dtype; ``None`` for any other scorer."""
+    stacked = getattr(None if policy is None else policy.scorer, "weights_", None)
+    if not isinstance(stacked, list) or len(stacked) not in (1, 2):
+        return None
+    param = next(model.parameters())
+    n_layers = stacked[0][0].shape[0]
+    return [ScorerWeights.from_stacked(stacked, i).to(param.device, torch.float32) for i in range(n_layers)]
+
+
 @dataclass
 class EvictionRun:
     """What ``with evicting(model, policy) as run`` yields: ``run.cache`` is the cache of the latest forward."""
@@ -69,6 +84,8 @@ class EvictionRun:
     evict_every: int
     compact_every: int
     cache: CompactCache | None = None
+    # per-layer weights of a KVzap linear/MLP scorer, scored by the fused kernel (Triton on CUDA) instead of score()
+    fused: list[ScorerWeights] | None = None
     # hidden states [b, t, hidden] of the tokens not scored yet, per layer (scored at the next eviction)
     _pending: dict[int, list[Tensor]] = field(default_factory=dict, repr=False)
     _since_evict: int = field(default=0, repr=False)
@@ -127,8 +144,11 @@ def _score_pending(run: EvictionRun, idx: int) -> None:
     layer = run.cache.layers[idx]
     b, t, n = hidden.shape[0], hidden.shape[1], layer.used
     kv_heads = layer.index.shape[1]
-    keys, values = layer.gather(n - t, n)
-    new = run.policy.scorer.score(hidden, idx, keys=keys, values=values, positions=layer.positions[:, 0, n - t : n])
+    if run.fused is not None:
+        new = score_and_threshold(hidden, run.fused[idx], 0.0)[0]  # the rule thresholds later, with the window
+    else:
+        keys, values = layer.gather(n - t, n)
+        new = run.policy.scorer.score(hidden, idx, keys=keys, values=values, positions=layer.positions[:, 0, n - t : n])
     if new.shape != (b, kv_heads, t):
         raise ValueError(
             f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {idx}; "
@@ -216,6 +236,7 @@ def evicting(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1 (decode steps); got {value!r}")
     run = EvictionRun(model=model, policy=policy, evict_every=evict_every, compact_every=compact_every)
+    run.fused = fused_weights(model, policy)
     decoder = model.model
     with contextlib.ExitStack() as stack:
         hidden = stack.enter_context(capture_attention_inputs(model)) if policy is not None else {}

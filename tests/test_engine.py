@@ -265,3 +265,29 @@ def test_full_cache_engine_matches_plain_forward_for_every_architecture(model_ty
             got = [model(ids[:, s : s + 16], cache=cache).logits for s in range(0, 64, 16)]
             got += [model(ids[:, t : t + 1], cache=cache).logits for t in range(64, 70)]
     torch.testing.assert_close(torch.cat(got, 1), reference, atol=1e-5, rtol=0)
+
+
+def test_kvzap_scorers_run_through_the_fused_kernel_with_the_same_decisions():
+    from kvzap_lab.engine import fused_weights
+    from kvzap_lab.policies.kvzap_mlp import KVzapMLP
+
+    model = random_tiny_model("llama", seed=9)
+    gen = torch.Generator().manual_seed(0)
+    mlp = KVzapMLP(epochs=1).fit(torch.randn(256, 2, 64, generator=gen).numpy(), torch.randn(256, 2, 2, generator=gen).numpy())
+
+    @dataclass
+    class Plain:  # the same scorer seen only through score(): no fused kernel
+        inner: KVzapMLP
+        accumulates_attention = False
+
+        def score(self, hidden, layer, **kwargs):
+            return self.inner.score(hidden, layer, **kwargs)
+
+    rule = Threshold(tau=0.0, window=4, sinks=1)
+    fused, plain = Policy("mlp", mlp, rule), Policy("plain", Plain(mlp), rule)
+    assert len(fused_weights(model, fused)) == 2 and fused_weights(model, plain) is None
+    rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (40, 29)]
+    a = generate(model, rows, fused, 20, eos_token_id=[], chunk_size=16)
+    b = generate(model, rows, plain, 20, eos_token_id=[], chunk_size=16)
+    assert a.tokens == b.tokens
+    assert a.compression.overall == b.compression.overall > 0.1
