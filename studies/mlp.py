@@ -1,0 +1,20 @@
+"""KVzap-MLP search space: width, depth, learning rate, epochs, weight decay (defaults: the paper's recipe,
+width hidden/8, one hidden layer, AdamW lr 5e-3, 15 epochs)."""
+
+from __future__ import annotations
+
+from kvzap_lab.studies.space import Float, Int
+
+FIXED = {"n_threads": 1}  # tiny matmuls train fastest on one thread, and workers share the machine
+
+
+def space(spec) -> dict:
+    """Dimensions for a model ``spec`` (:class:`kvzap_lab.model.ModelSpec`); names are KVzapMLP arguments."""
+    hidden = spec.hidden_size
+    return {
+        "width": Int(max(2, hidden // 32), max(4, hidden // 2), log=True, default=max(2, hidden // 8)),
+        "depth": Int(1, 3, default=1),
+        "lr": Float(1e-4, 3e-2, log=True, default=5e-3),
+        "epochs": Int(3, 30, log=True, default=15),
+        "weight_decay": Float(1e-4, 0.3, log=True, default=0.01),
+    }
