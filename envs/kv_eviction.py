@@ -25,7 +25,7 @@ Observation (``Dict`` of float32 ``Box`` es, fixed shapes; ``L`` layers, ``H`` K
 ``D`` hidden size; candidates in position order, unused slots zero):
 
 - ``hidden [L, C, D]``: hidden state entering each attention layer at each candidate token (what a KVzap scorer
-  reads), clipped to ``[-hidden_bound, hidden_bound]`` (default 100; the test bed's are within +-20);
+  reads), clipped to ``[-hidden_bound, hidden_bound]`` (default 100; the test bed's stay within +-10);
 - ``candidate_mask [C]``: 1 for a real candidate;
 - ``positions [C]``: candidate position / ``T`` (``T`` = tokens the episode feeds: prompt + answer - 1), in [0, 1);
 - ``occupancy [L, H]``: pairs held / tokens seen, per layer and KV head, in [0, 1];
@@ -176,17 +176,17 @@ class ReferenceCache:
 
 
 # ----------------------------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
+@dataclass
 class _Deferred:
     """The engine's rule inside the env: keeps every pair it is offered and notes that an eviction point happened;
     the agent's decisions are applied after the forward (before the next one), which is equivalent."""
 
     window: int
     sinks: int
-    offered: list = field(default_factory=lambda: [False], compare=False)
+    offered: bool = False
 
     def keep(self, scores: Tensor, layer: int, valid: Tensor) -> Tensor:
-        self.offered[0] = True
+        self.offered = True
         return valid
 
 
@@ -339,7 +339,8 @@ def make_setup(
         if len(s.answer_ids) < 2:
             raise ValueError(f"sample {k} has a reference answer of {len(s.answer_ids)} tokens; need >= 2 (answer + end)")
         if len(s.input_ids) + len(s.answer_ids) > spec.max_positions:
-            raise ValueError(f"sample {k} needs {len(s.input_ids) + len(s.answer_ids)} positions; the model covers {spec.max_positions}")
+            need = len(s.input_ids) + len(s.answer_ids)
+            raise ValueError(f"sample {k} needs {need} positions; the model covers {spec.max_positions}")
 
     scorer = policy.scorer if policy is not None else get_policy("streaming_llm").scorer  # cheap; runs the hooks only
     engine_policy = Policy(name=f"env:{policy.name if policy else 'agent'}", scorer=scorer, rule=_Deferred(window, sinks))
@@ -493,7 +494,8 @@ class _Rows:
         if any(len(f) < q for f in feeds):
             valid = torch.tensor([[0] * (q - len(f)) + [1] * len(f) for f in feeds], device=self.device)
             mask = torch.cat([valid.new_ones(self.n, self.cache.seen), valid], 1)
-        self.s.engine_policy.rule.offered[0] = False
+        rule = self.s.engine_policy.rule
+        rule.offered = False
         logits = self.s.model(input_ids=ids, attention_mask=mask, cache=self.cache, logits_to_keep=1).logits[:, -1]
         hidden = torch.stack([self.captured[layer] for layer in range(self.L)], 1)  # [N, L, q, D]
         predicting = []
@@ -504,39 +506,40 @@ class _Rows:
                 if e.fed >= e.n_prompt:
                     predicting.append(i)
         kls = self._predict(logits, predicting)
-        offered = self.s.engine_policy.rule.offered[0]
         for e in self.episodes:
-            e_count = 0
-            if e is not None and offered and e.fed:
-                boundary = e.fed - 1 - max(self.s.window, 1)  # newest position that left the window
-                e_count = max(0, boundary - e.next_candidate + 1)
-                e.cand_start, e.next_candidate = e.next_candidate, max(e.next_candidate, boundary + 1)
-            if e is not None:
-                e.cand_count = e_count
+            if e is None:
+                continue
+            e.cand_count = 0
+            if rule.offered:  # an eviction point: the positions that left the window since the last one
+                boundary = e.fed - 1 - max(self.s.window, 1)  # as CompactLayer.evictable
+                e.cand_start, e.cand_count = e.next_candidate, max(0, boundary - e.next_candidate + 1)
+                e.next_candidate += e.cand_count
         self._select()
         return kls
 
     def _predict(self, logits: Tensor, rows: list[int]) -> dict[int, float]:
+        """Record the greedy token each of ``rows`` predicted (``logits [N, vocab]``), decide whether its decoding is
+        over, and return its KL to the full cache (where the reference applies)."""
         if not rows:
             return {}
         log_probs = torch.log_softmax(logits[rows].float(), -1)
         tokens = log_probs.argmax(-1).tolist()
-        scored = []
+        scored, references = [], []
         for i, token in zip(rows, tokens):
             e = self.episodes[i]
             k = e.fed - e.n_prompt  # answer index this forward predicted
-            reference = e.sample.answer_ids[k]
-            scored.append(not e.diverged)
+            reference, last = e.sample.answer_ids[k], k == len(e.sample.answer_ids) - 1
+            scored.append(not e.diverged)  # the full-cache reference holds while the tokens fed are the reference's
+            references.append(e.ref.log_probs[k])
+            e.predicted.append(token)
             if self.s.decoding == "teacher":
-                e.predicted.append(token)
-                e.finished = k == len(e.sample.answer_ids) - 1
+                e.finished = last
             else:
-                e.predicted.append(token)
                 e.diverged |= token != reference
-                wrong_stops = e.sample.task != "copy"  # exact match: the answer is wrong already (as evaluate stops)
-                e.finished = token == self.s.eos_token_id or k == len(e.sample.answer_ids) - 1 or (wrong_stops and token != reference)
-        refs = torch.stack([self.episodes[i].ref.log_probs[self.episodes[i].fed - self.episodes[i].n_prompt] for i in rows])
-        kl = (refs.exp() * (refs - log_probs)).sum(-1).clamp_min(0).tolist()
+                wrong = token != reference and e.sample.task != "copy"  # exact match is lost: evaluate stops too
+                e.finished = last or token == self.s.eos_token_id or wrong
+        full = torch.stack(references)
+        kl = (full.exp() * (full - log_probs)).sum(-1).clamp_min(0).tolist()
         out = {}
         for i, value, ok in zip(rows, kl, scored):
             if ok:
@@ -646,17 +649,18 @@ def _check_action(action, space: spaces.Space, action_type: str, batch: int | No
         action = action.detach().cpu().numpy()
     action = np.asarray(action)
     if action.shape != tuple(expected):
-        raise ValueError(f"action must have shape {tuple(expected)} ({'keep flags [layers, kv_heads, max_candidates]' if action_type == 'binary' else 'thresholds [layers, kv_heads]'}); got {action.shape}")
+        what = "keep flags [layers, kv_heads, max_candidates]" if action_type == "binary" else "thresholds [layers, kv_heads]"
+        raise ValueError(f"action must have shape {tuple(expected)} ({what}); got {action.shape}")
     if action_type == "binary":
         if not (action.dtype == np.bool_ or np.issubdtype(action.dtype, np.integer)):
-            raise TypeError(f"a keep/evict action is an integer or bool array of 0/1 (MultiBinary, int8); got dtype {action.dtype}")
+            raise TypeError(f"a keep/evict action is an int or bool array of 0/1 (MultiBinary: int8); got dtype {action.dtype}")
         if action.dtype != np.bool_ and not np.isin(action, (0, 1)).all():
             raise ValueError("a keep/evict action holds only 0 (evict) and 1 (keep)")
         return action.astype(bool)
     if not np.issubdtype(action.dtype, np.floating):
         raise TypeError(f"a threshold action is a float array (Box, float32); got dtype {action.dtype}")
     if np.isnan(action).any() or np.abs(action).max() > SCORE_BOUND:
-        raise ValueError(f"threshold actions are finite log-score thresholds in [-{SCORE_BOUND:g}, {SCORE_BOUND:g}]; got NaN or beyond")
+        raise ValueError(f"threshold actions are finite log-score thresholds in [-{SCORE_BOUND:g}, {SCORE_BOUND:g}]")
     return action.astype(np.float32)
 
 
@@ -725,7 +729,8 @@ class _Driver:
         if e.done:
             reference = e.sample.answer_ids
             info["accuracy"] = float(tasks.score_answer(e.sample, e.predicted))
-            info["token_accuracy"] = float(np.mean([p == t for p, t in zip(e.predicted, reference)] + [0] * (len(reference) - len(e.predicted))))
+            hits = sum(p == t for p, t in zip(e.predicted, reference))
+            info["token_accuracy"] = hits / len(reference)
             info["answer_ids"] = np.asarray(e.predicted, dtype=np.int64)
         return info
 
