@@ -85,7 +85,7 @@ def test_compaction_keeps_order_and_trims_storage_to_the_longest_row():
     kept = ~evict
     assert layer.used == layer.capacity == int(kept.sum(-1).max())
     assert layer.bytes_held() < before
-    assert layer.stored == layer.pairs.shape[0] == int(kept.sum())  # the pairs themselves are packed
+    assert layer.stored == layer.keys.shape[0] == layer.values.shape[0] == int(kept.sum())  # pairs packed
     held_keys, held_values = layer.gather(0, layer.used)
     for b in range(B):
         for h in range(H):
