@@ -9,8 +9,8 @@ generation does first) and the oracle on the same context run alternately ``--re
 the medians and their ratio are printed (target: oracle <= 2.5x prefill). A third column times the same forward
 passes as the oracle with the model's own sdpa attention and no scoring: the floor for an exact oracle.
 
-Memory: each oracle configuration runs once in a fresh subprocess; we report the growth of the process's peak
-resident set (VmHWM, reset through /proc/self/clear_refs after loading the model and a warm-up) during that one
+Memory: each oracle configuration (context length x chunk size) runs once in a fresh subprocess; we report the
+growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs after loading the model and a warm-up) during that one
 call. This counts everything the call allocates (activations, attention-row blocks, the KV cache), not just torch
 tensors; it is Linux-only and has page granularity.
 
@@ -65,7 +65,7 @@ def repeat_passes(model, template, ids: list[int], chunk_size: int | None) -> No
     from transformers import DynamicCache
 
     prefix, middle = list(template.prefix), list(template.middle)
-    size = chunk_size or len(ids)
+    size = oracle.repeat_chunk(model, template, len(ids), chunk_size)
     chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
     cache = DynamicCache()
     with torch.no_grad():
@@ -124,13 +124,14 @@ def memory_probe(n: int, chunk_size: int | None) -> dict:
     return {"tokens": n, "chunk_size": chunk_size, "peak_growth_mib": round((_peak_rss_kib() - before) / 1024, 1)}
 
 
-def measure_memory(n: int, chunk_sizes) -> list[dict]:
+def measure_memory(lengths, chunk_sizes) -> list[dict]:
     rows = []
-    for chunk_size in chunk_sizes:
-        cmd = [sys.executable, __file__, "--memory-probe", str(n), "--chunk-size", str(chunk_size or 0)]
-        cmd += ["--threads", str(torch.get_num_threads())]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    for n in lengths:
+        for chunk_size in chunk_sizes:
+            cmd = [sys.executable, __file__, "--memory-probe", str(n), "--chunk-size", str(chunk_size or 0)]
+            cmd += ["--threads", str(torch.get_num_threads())]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
 
 
@@ -138,9 +139,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=oracle.DEFAULT_CHUNK, help="oracle chunk for timing (0 = unchunked)")
-    parser.add_argument("--memory-tokens", type=int, default=2000, help="context length of the memory comparison")
-    parser.add_argument("--memory-chunks", type=int, nargs="+", default=[0, 1024, 256], help="0 = unchunked")
+    parser.add_argument("--chunk-size", type=int, default=oracle.DEFAULT_CHUNK, help="oracle chunk (0 = unchunked)")
+    parser.add_argument("--memory-tokens", type=int, nargs="+", default=[1000, 2000], help="contexts for memory")
+    parser.add_argument("--memory-chunks", type=int, nargs="+", default=[0, 2048, 512], help="0 = unchunked")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
@@ -163,9 +164,10 @@ def main(argv=None) -> int:
     for row in timing:
         print(f"{row['tokens']:6d}  {row['prefill_s']:9.4f}  {row['oracle_s']:8.4f}  {row['ratio']:13.2f}x  "
               f"{row['passes_s']:8.4f}  {row['passes_ratio']:13.2f}x")
-    print(f"peak RSS growth of one oracle call on {args.memory_tokens} tokens (fresh process each):")
+    print("peak RSS growth of one oracle call (fresh process each):")
     for row in memory:
-        print(f"  chunk {str(row['chunk_size'] or 'none (one forward)'):>20}: {row['peak_growth_mib']:8.1f} MiB")
+        chunk = row["chunk_size"] or "none (one forward)"
+        print(f"  {row['tokens']:6d} tokens, chunk {chunk!s:>18}: {row['peak_growth_mib']:8.1f} MiB")
     if args.json:
         print(json.dumps(report))
     return 0
