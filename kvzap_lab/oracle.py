@@ -15,11 +15,13 @@ The attention rows are computed here from the post-RoPE queries and keys that th
 to :func:`kvzap_lab.model.attention_override`, in blocks of queries, so sdpa models work and memory stays
 bounded. Long contexts are repeated chunk by chunk as KVzip does: the context is prefilled once into a cache
 (itself in chunks), then each chunk's repeat (instruction, the last ``anchor`` tokens of the previous chunk,
-the chunk) runs on that cache, which is cropped back afterwards.
+the chunk) runs on that cache, which is cropped back afterwards. The queries of chunk k's copy thus see the
+template, the whole context, the instruction, the anchor and chunk k's copy up to themselves; a pair's score is
+the max over the copied tokens of every chunk. With one chunk this is exactly the unchunked repeat prompt.
 
 Public API: :func:`repeat_template`, :func:`repeat_prompt`, :func:`oracle_scores` (one context),
-:func:`score_contexts` (a batch, optionally with the hidden states of the context tokens) and
-:func:`decode_oracle_scores` (tokens the model generated).
+:func:`score_contexts` (a batch, optionally with the hidden states of the context tokens),
+:func:`decode_oracle_scores` (tokens the model generated) and :func:`repeat_chunk` (the chunk actually used).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from kvzap_lab.model import (
     describe,
     output_projection_per_head,
 )
+from kvzap_lab.tasks import COPY_INSTRUCTION
 
-INSTRUCTION = "\nrepeat the previous context exactly ."
+INSTRUCTION = "\n" + COPY_INSTRUCTION  # the test bed learnt the copy task with this very instruction
 DEFAULT_CHUNK = 2048
 DEFAULT_ANCHOR = 8
 BLOCK_ELEMENTS = 1 << 20  # attention-row entries held at once per layer call (4 MiB in fp32)
