@@ -6,6 +6,10 @@ KV pair; ``--tokens-per-sequence`` tokens are drawn at random (seeded) and each 
     X [layers, hidden]    hidden state entering each attention layer at that token (as the model reads the prompt)
     y [layers, kv_heads]  oracle log-score of that token's KV pair in every KV head
 
+With ``--decode-tokens N`` the rows come from the decoding phase instead: the model greedily continues each
+prompt (the task prompt through its assistant header, or the text window) for N tokens, the oracle scores the
+whole prompt + generation as its context, and rows are drawn from the generated tokens.
+
 Sequences are split into train/test before anything is computed (never tokens of one sequence on both sides),
 grouped into shards of ``--shard-size`` sequences and written with a manifest (see :mod:`kvzap_lab.data`).
 A killed run is resumed by running the same command again: finished shards are kept and skipped.
@@ -21,7 +25,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,11 +38,13 @@ from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, loa
 @dataclass
 class Context:
     """One sequence to score: its context token ids, the prompt tokens before it (X is read from
-    ``prefix + ids``), and where it comes from."""
+    ``prefix + ids``), where it comes from, and the prompt tokens after it (question and answer header: the
+    prompt that decoding continues is ``prefix + ids + suffix``)."""
 
     ids: list[int]
     prefix: list[int]
     source: str
+    suffix: list[int] = field(default_factory=list)
 
 
 def task_contexts(tokenizer, task_names, n: int, context_tokens: int, seed: int) -> list[Context]:
@@ -58,7 +64,8 @@ def task_contexts(tokenizer, task_names, n: int, context_tokens: int, seed: int)
         k = i % len(task_names)
         sample = next(per_task[k])
         start, end = sample.context_span
-        contexts.append(Context(sample.input_ids[start:end], sample.input_ids[:start], f"task:{task_names[k]}"))
+        ids, prefix, suffix = sample.input_ids[start:end], sample.input_ids[:start], sample.input_ids[end:]
+        contexts.append(Context(ids, prefix, f"task:{task_names[k]}", suffix))
     return contexts
 
 
@@ -101,11 +108,34 @@ def sample_positions(length: int, k: int, seed: int, sequence: int) -> torch.Ten
     return torch.randperm(length, generator=generator)[: min(k, length)].sort().values
 
 
+def greedy_continuation(model, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` (decoding does not stop at end-of-turn tokens)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    step = torch.tensor([prompt], device=model.device)
+    tokens = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits
+            step = logits[:, -1].argmax(dim=-1, keepdim=True)
+            tokens.append(int(step))
+    return tokens
+
+
 def _prompt_hidden(model, prefix: list[int], ids: list[int]) -> torch.Tensor:
     """Hidden state entering each attention layer at the context tokens of ``prefix + ids``: [n, layers, hidden]."""
     with torch.no_grad(), capture_attention_inputs(model) as hidden:
         model.model(input_ids=torch.tensor([prefix + ids], device=model.device))
     return torch.stack([hidden[i][0, len(prefix) :] for i in sorted(hidden)], dim=1).float()
+
+
+def _scored_sequence(model, context: Context, decode_tokens: int) -> tuple[list[int], list[int], int]:
+    """``(oracle context, prompt tokens before it, first offset rows are drawn from)`` of one sequence."""
+    if not decode_tokens:
+        return context.ids, context.prefix, 0
+    prompt = context.prefix + context.ids + context.suffix
+    return prompt + greedy_continuation(model, prompt, decode_tokens), [], len(prompt)
 
 
 def _shard_rows(model, tokenizer, contexts, indices, settings, batch_size, progress) -> dict[str, torch.Tensor]:
@@ -114,15 +144,16 @@ def _shard_rows(model, tokenizer, contexts, indices, settings, batch_size, progr
     xs, ys, seqs, poss = [], [], [], []
     for b0 in range(0, len(indices), batch_size):
         batch = indices[b0 : b0 + batch_size]
+        sequences = [_scored_sequence(model, contexts[i], settings["decode_tokens"]) for i in batch]
         results = oracle.score_contexts(
-            model, tokenizer, [contexts[i].ids for i in batch], return_hidden=True, **oracle_kwargs
+            model, tokenizer, [s[0] for s in sequences], return_hidden=True, **oracle_kwargs
         )
-        for index, result in zip(batch, results):
-            context = contexts[index]
+        for index, (ids, prefix, first), result in zip(batch, sequences, results):
             hidden = result.hidden
-            if context.prefix != list(template.prefix):  # the prompt reads the context after other tokens
-                hidden = _prompt_hidden(model, context.prefix, context.ids)
-            positions = sample_positions(len(context.ids), settings["tokens_per_sequence"], settings["seed"], index)
+            if prefix != list(template.prefix):  # the prompt reads the context after other tokens
+                hidden = _prompt_hidden(model, prefix, ids)
+            count = settings["tokens_per_sequence"]
+            positions = first + sample_positions(len(ids) - first, count, settings["seed"], index)
             xs.append(hidden[positions].to(getattr(torch, settings["dtype"])).cpu())
             ys.append(result.scores[:, :, positions].permute(2, 0, 1).cpu())
             seqs.append(torch.full((len(positions),), index, dtype=torch.int64))
@@ -144,13 +175,15 @@ def collect(
     show_progress: bool = True,
 ) -> dict:
     """Score ``contexts``, write their shards and manifest under ``out`` (resuming a finished part), and return a
-    summary. ``settings`` holds ``seed, test_fraction, tokens_per_sequence, dtype, oracle{normalize, chunk_size,
-    anchor}`` and a ``source`` description; model facts, split and shapes are added here."""
+    summary. ``settings`` holds ``seed, test_fraction, tokens_per_sequence, decode_tokens, dtype,
+    oracle{normalize, chunk_size, anchor}`` and a ``source`` description; model facts, split and shapes are added
+    here."""
     started = time.perf_counter()
     out = Path(out)
     spec = describe(model)
     oracle_settings = settings["oracle"]
-    longest = max(len(c.ids) for c in contexts)
+    decode = settings["decode_tokens"]
+    longest = max(len(c.prefix + c.ids + c.suffix) + decode if decode else len(c.ids) for c in contexts)
     oracle.repeat_chunk(model, tokenizer, longest, oracle_settings["chunk_size"], oracle_settings["anchor"])
     split = split_sequences(len(contexts), settings["test_fraction"], settings["seed"])
     shards = [
@@ -248,6 +281,7 @@ def _run(args) -> dict:
         "seed": args.seed,
         "test_fraction": args.test_fraction,
         "tokens_per_sequence": args.tokens_per_sequence,
+        "decode_tokens": args.decode_tokens,
         "dtype": args.dtype,
         "oracle": {"normalize": not args.kvzip, "chunk_size": args.chunk_size, "anchor": args.anchor},
     }
@@ -272,6 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="contexts scored together")
     parser.add_argument("--chunk-size", type=int, default=oracle.DEFAULT_CHUNK, help="oracle repeat chunk (tokens)")
     parser.add_argument("--anchor", type=int, default=oracle.DEFAULT_ANCHOR, help="anchor tokens of later chunks")
+    parser.add_argument("--decode-tokens", type=int, default=0, help="rows from N greedily generated tokens")
     parser.add_argument("--kvzip", action="store_true", help="plain KVzip scores (no ||W_O v||/||h|| factor)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of X")
     parser.add_argument("--device", default=None)
@@ -283,6 +318,8 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
+    if args.decode_tokens < 0:
+        parser.error(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

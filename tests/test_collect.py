@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from kvzap_lab import collect, data, oracle
 from kvzap_lab.data import DatasetError, load_dataset
 from kvzap_lab.model import TESTBED_PATH, capture_attention_inputs, fingerprint, load_model, random_tiny_model
+from kvzap_lab.tasks import make_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +233,7 @@ def test_x_comes_from_the_prompt_that_holds_the_context(checkpoint, tmp_path):
     ids = tokenizer.encode(" the red fox sees the owl . the owl is calm in the morning .", add_special_tokens=False)
     prefix = tokenizer.encode("<|bos|><|user|>\nsome other preamble :", add_special_tokens=False)
     settings = {"model_name": "tiny", "source": {"kind": "test"}, "seed": 3, "test_fraction": 0.0,
-                "tokens_per_sequence": 5, "dtype": "float32",
+                "tokens_per_sequence": 5, "decode_tokens": 0, "dtype": "float32",
                 "oracle": {"normalize": True, "chunk_size": 2048, "anchor": 8}}
     summary = collect.collect(model, tokenizer, [collect.Context(ids, prefix, "test")], tmp_path / "d", settings,
                               show_progress=False)
@@ -245,3 +246,26 @@ def test_x_comes_from_the_prompt_that_holds_the_context(checkpoint, tmp_path):
     torch.testing.assert_close(dataset.X_train, expected, atol=1e-5, rtol=0)
     scores = oracle.oracle_scores(model, tokenizer, ids)  # y: the oracle on the context alone
     torch.testing.assert_close(dataset.y_train, scores[:, :, positions].permute(2, 0, 1), atol=1e-5, rtol=0)
+
+
+def test_decode_phase_rows_come_from_generated_tokens(checkpoint, tmp_path, capsys):
+    out = tmp_path / "decode"
+    args = ["--model", checkpoint, "--out", out, "--tasks", "single_needle", "--n-sequences", 2, "--context-tokens", 48]
+    code, summary = run_cli([*args, "--decode-tokens", 6, "--tokens-per-sequence", 4, "--test-fraction", 0], capsys)
+    assert code == 0 and summary["n_train"] == 8
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    dataset = load_dataset(out, model)
+    assert dataset.manifest["decode_tokens"] == 6
+    context = collect.task_contexts(tokenizer, ["single_needle"], 2, 48, seed=0)[1]
+    prompt = context.prefix + context.ids + context.suffix
+    assert prompt == make_samples("single_needle", tokenizer, 2, 48, seed=0)[1].input_ids  # the whole task prompt
+    generated = collect.greedy_continuation(model, prompt, 6)
+    with torch.no_grad(), capture_attention_inputs(model) as hidden:
+        logits = model(torch.tensor([prompt + generated])).logits[0]
+    assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == generated  # greedy, teacher-forced check
+    positions = collect.sample_positions(6, 4, seed=0, sequence=1)
+    rows = dataset.groups_train == 1
+    expected_x = torch.stack([hidden[i][0, len(prompt) + positions] for i in range(2)], dim=1)
+    torch.testing.assert_close(dataset.X_train[rows], expected_x, atol=1e-5, rtol=0)
+    scores = oracle.decode_oracle_scores(model, tokenizer, prompt, generated)
+    torch.testing.assert_close(dataset.y_train[rows], scores[:, :, positions].permute(2, 0, 1), atol=1e-5, rtol=0)
