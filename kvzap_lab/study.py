@@ -553,23 +553,37 @@ def stale_trial_callback(uri: str):
     return on_stale
 
 
-def optimize(study, objective, target: int, timeout: float | None) -> None:
-    """Run trials until the study holds ``target`` finished (complete or pruned) trials, counting trials that other
-    workers are running, or until ``timeout`` seconds passed; stops after repeated failures in a row."""
+def fail_stale_trials(study) -> None:
+    """Mark FAIL the running trials whose heartbeat is older than the grace period (their worker died)."""
     import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def optimize(study, objective, target: int, timeout: float | None, poll_s: float = 1.0) -> None:
+    """Run trials until the study holds ``target`` finished (complete or pruned) trials, or ``timeout`` seconds
+    passed. When the trials still missing are running in other workers, wait for them: if their worker dies,
+    the heartbeat marks them FAIL after the grace period and this worker runs them again. Raises after
+    ``MAX_CONSECUTIVE_FAILURES`` failed trials in a row."""
     from optuna.trial import TrialState
 
     started = time.monotonic()
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
     last = []
     failures = 0
-    done = len(study.get_trials(deepcopy=False, states=finished_states))
-    with tqdm(total=target, initial=min(done, target), desc=f"study {study.study_name}", unit="trial") as progress:
-        while True:
-            busy = len(study.get_trials(deepcopy=False, states=finished_states + (TrialState.RUNNING,)))
-            if busy >= target or (timeout is not None and time.monotonic() - started > timeout):
+    count = lambda *states: len(study.get_trials(deepcopy=False, states=states))  # noqa: E731
+    with tqdm(total=target, initial=min(count(*finished_states), target), desc=f"study {study.study_name}", unit="trial") as progress:
+        while timeout is None or time.monotonic() - started < timeout:
+            fail_stale_trials(study)
+            finished, running = count(*finished_states), count(TrialState.RUNNING)
+            progress.update(min(finished, target) - progress.n)
+            if finished >= target:
                 break
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            if finished + running >= target:
+                time.sleep(poll_s)
+                continue
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda s, t: last.append(t)])
             failures = failures + 1 if last[-1].state == TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
@@ -577,7 +591,6 @@ def optimize(study, objective, target: int, timeout: float | None) -> None:
                     f"{failures} trials in a row failed (last: trial {last[-1].number}); see the error tag and "
                     "error.txt of their MLflow runs"
                 )
-            progress.update(len(study.get_trials(deepcopy=False, states=finished_states)) - progress.n)
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -842,9 +855,7 @@ def run(args, argv: list[str]) -> dict | None:
     storage = open_storage(storage_url, args.heartbeat_interval, args.grace_period, stale_trial_callback(tracking_uri))
     name = args.study_name or f"{getattr(factory, 'policy_name', args.policy)}-{model_name(args.model)}"
     study, created = open_study(storage, name, identity(args, factory, fingerprint(model)), args.objectives, sampler, pruner)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study)
     study.set_user_attr("space", {"scorer": describe_space(space.scorer), "rule": describe_space(space.rule), "fixed": space.fixed})
 
     samples = {t: tasks.make_samples(t, tokenizer, args.samples_per_task, args.context_tokens, EVAL_SEED_OFFSET + args.seed) for t in args.tasks}
@@ -873,9 +884,6 @@ def run(args, argv: list[str]) -> dict | None:
         raise
     if args.parent_run_id is not None:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
     summary = summarize(study, full_mean)
     log_summary(tracker, parent, summary)
     tracker.end(parent, "FINISHED")

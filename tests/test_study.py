@@ -277,11 +277,11 @@ def test_failed_and_pruned_trials_end_failed_and_killed(tiny, mlflow_template, t
 @pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tiny, mlflow_template, tmp_path, capsys):
     results = tmp_path / "results"
-    assert study.main(args_for(tiny, results, "--n-trials", "8", "--workers", "2", "--no-baseline", template=mlflow_template)) == 0
+    assert study.main(args_for(tiny, results, "--n-trials", "4", "--workers", "2", "--no-baseline", template=mlflow_template)) == 0
     assert "Pareto front" in capsys.readouterr().out
     trials = trials_of(results)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 8 <= len(complete) <= 9 and len(complete) == len(trials)  # at most workers - 1 extra, none lost
+    assert 4 <= len(complete) <= 5 and len(complete) == len(trials)  # at most workers - 1 extra, none lost
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
     parents, children = runs_of(f"sqlite:///{results / 'mlflow.db'}")
     assert len(parents) == 1  # one invocation
@@ -304,10 +304,10 @@ def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, ml
                 states = [t.state for t in optuna.load_study(study_name="kvzap_mlp-model", storage=storage).get_trials()]
             except (KeyError, Exception):  # noqa: BLE001 - the study does not exist yet
                 continue
-            if states.count(TrialState.COMPLETE) >= 2 and states[-1] == TrialState.RUNNING:
+            if states.count(TrialState.COMPLETE) >= 1 and states[-1] == TrialState.RUNNING:
                 break
         else:
-            pytest.fail("the study never had two complete trials and a running one")
+            pytest.fail("the study never had a complete trial and a running one")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -317,7 +317,7 @@ def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, ml
     complete = [t for t in before if t.state == TrialState.COMPLETE]
     killed = [t for t in before if t.state == TrialState.RUNNING]
     assert len(killed) == 1
-    time.sleep(3)  # > grace period: the killed trial's heartbeat is stale
+    # The rerun starts after more than the grace period (imports, model): the killed trial's heartbeat is stale.
 
     assert study.main(args_for(tiny, results, "--no-baseline", "--grace-period", "2", "--n-trials", str(len(complete) + 1))) == 0
     capsys.readouterr()
@@ -384,11 +384,11 @@ def test_two_workers_on_postgres(tiny, mlflow_template, tmp_path, capsys):
     if not url:
         pytest.skip("KVZAP_TEST_POSTGRES_URL is not set (.ci/postgres.sh starts a server and prints it)")
     name = f"pg-{uuid.uuid4().hex[:8]}"
-    argv = args_for(tiny, tmp_path / "results", "--n-trials", "6", "--workers", "2", "--no-baseline",
+    argv = args_for(tiny, tmp_path / "results", "--n-trials", "4", "--workers", "2", "--no-baseline",
                     "--storage", url, "--study-name", name, template=mlflow_template)
     assert study.main(argv) == 0
     capsys.readouterr()
     trials = optuna.load_study(study_name=name, storage=study.database_url(url)).get_trials()
-    assert 6 <= len(trials) <= 7 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert 4 <= len(trials) <= 5 and all(t.state == TrialState.COMPLETE for t in trials)
     _, children = runs_of(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}", name)
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [t.number for t in trials]
