@@ -562,18 +562,20 @@ class _Rows:
             used = layer.used
             index = layer.positions[:, :, :used] - lo
             selected = layer.alive[:, :, :used] & (index >= 0) & (index < n)
-            index = torch.where(selected, index, self.C)
+            index = index.masked_fill_(~selected, self.C)  # slot -> candidate index, C for the others
             self._selection.append((index, selected))
-            out = torch.full((self.n, self.H, self.C + 1), math.nan, device=self.device)
-            scores.append(out.scatter_(2, index, layer.scores[:, :, :used])[..., : self.C])
-        self._scores = torch.stack(scores, 1)
+            if self.s.policy is not None:
+                out = torch.full((self.n, self.H, self.C + 1), math.nan, device=self.device)
+                scores.append(out.scatter_(2, index, layer.scores[:, :, :used])[..., : self.C])
+        self._scores = torch.stack(scores, 1) if scores else None
         for i, (e, start, count) in enumerate(zip(self.episodes, starts, counts)):
             if count:
                 w = e.ref.weights[:, :, start : start + count]
                 self._weights[i, :, :, : w.shape[2]] = w
 
-    def observe(self) -> dict[str, np.ndarray]:
-        """The batched observation ``{key: [N, ...]}`` of the current candidates (fresh arrays)."""
+    def observe(self, kept: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The batched observation ``{key: [N, ...]}`` of the current candidates (fresh arrays); ``kept`` is
+        :meth:`kept` if already at hand."""
         L, H, C = self.L, self.H, self.C
         obs = {
             "hidden": np.zeros((self.n, L, C, self.D), np.float32),
@@ -582,7 +584,7 @@ class _Rows:
             "occupancy": np.zeros((self.n, L, H), np.float32),
             "progress": np.zeros((self.n, 1), np.float32),
         }
-        kept = self.kept()  # [N, L, H]
+        kept = self.kept() if kept is None else kept  # [N, L, H]
         for i, e in enumerate(self.episodes):
             if e is None:
                 continue
@@ -613,26 +615,21 @@ class _Rows:
         return self._scores[row]
 
     @torch.no_grad()
-    def decide(self, keep: Tensor, rows: list[int]) -> dict[int, tuple[float, int]]:
-        """Apply ``keep [N, L, H, C]`` (bool) to the candidates of ``rows``; returns per row (oracle mass lost,
-        pairs kept)."""
+    def decide(self, keep: np.ndarray, rows: list[int]) -> dict[int, tuple[float, int]]:
+        """Apply ``keep [N, L, H, C]`` (bool) to the candidates of ``rows`` (any other row keeps its candidates);
+        returns per row (oracle mass lost, pairs kept)."""
         out = {i: (0.0, 0) for i in rows}
         if self._selection is None:
             return out
-        active = torch.zeros(self.n, dtype=torch.bool)
-        active[rows] = True
-        keep = keep | ~active[:, None, None, None]  # rows not deciding now keep their candidates (none, or autoreset)
-        keep = keep.to(self.device)
-        extra = torch.ones(self.n, self.H, 1, dtype=torch.bool, device=self.device)
+        flags = np.ones((self.n, self.L, self.H, self.C + 1), dtype=bool)  # candidate index C: not a candidate
+        flags[rows, :, :, : self.C] = keep[rows]
+        flags_t = torch.from_numpy(flags).to(self.device)
         for layer_idx, (layer, (index, selected)) in enumerate(zip(self.cache.layers, self._selection)):
-            kept = torch.cat([keep[:, layer_idx], extra], 2).gather(2, index)
-            layer.drop(selected & ~kept)
-        keep_np = keep.cpu().numpy()
+            layer.drop(selected & ~flags_t[:, layer_idx].gather(2, index))
         for i in rows:
             e = self.episodes[i]
-            n = e.cand_count
-            lost = float((self._weights[i] * ~keep_np[i]).sum())
-            n_kept = int(keep_np[i, :, :, :n].sum())
+            lost = float(self._weights[i][~keep[i]].sum())
+            n_kept = int(keep[i, :, :, : e.cand_count].sum())
             e.lost += lost
             e.kept_decided += n_kept
             e.cand_count = 0
@@ -654,7 +651,7 @@ def _check_action(action, space: spaces.Space, action_type: str, batch: int | No
     if action_type == "binary":
         if not (action.dtype == np.bool_ or np.issubdtype(action.dtype, np.integer)):
             raise TypeError(f"a keep/evict action is an int or bool array of 0/1 (MultiBinary: int8); got dtype {action.dtype}")
-        if action.dtype != np.bool_ and not np.isin(action, (0, 1)).all():
+        if action.dtype != np.bool_ and (action.min() < 0 or action.max() > 1):
             raise ValueError("a keep/evict action holds only 0 (evict) and 1 (keep)")
         return action.astype(bool)
     if not np.issubdtype(action.dtype, np.floating):
@@ -673,12 +670,12 @@ class _Driver:
     def references(self, samples) -> list[Reference]:
         return self.s.references.get(samples)
 
-    def keep_from_actions(self, actions: np.ndarray, rows: list[int]) -> Tensor:
+    def keep_from_actions(self, actions: np.ndarray, rows: list[int]) -> np.ndarray:
         """Keep flags ``[N, L, H, C]`` from binary actions, or from thresholds applied by :class:`Threshold`."""
         r = self.rows
         if self.s.action_type == "binary":
-            return torch.from_numpy(actions)
-        keep = torch.ones(r.n, r.L, r.H, r.C, dtype=torch.bool)
+            return actions
+        keep = np.ones((r.n, r.L, r.H, r.C), dtype=bool)
         if r._scores is None:
             return keep
         for i in rows:
@@ -686,12 +683,12 @@ class _Driver:
             scores = r.candidate_scores(i)  # [L, H, C]
             valid = ~torch.isnan(scores)
             for layer in range(r.L):
-                keep[i, layer] = rule.keep(scores[layer][None].nan_to_num(0.0), layer, valid[layer][None])[0].cpu()
+                keep[i, layer] = rule.keep(scores[layer][None].nan_to_num(0.0), layer, valid[layer][None])[0].cpu().numpy()
         return keep
 
-    def step_rows(self, actions: np.ndarray, deciding: list[int]) -> tuple[np.ndarray, list[dict]]:
+    def step_rows(self, actions: np.ndarray, deciding: list[int]) -> tuple[np.ndarray, list[dict], dict]:
         """Decide the candidates of ``deciding`` rows, end the finished ones, run the next forward for the rest.
-        Returns the rewards ``[N]`` and per-row info dicts (``terminated`` in each)."""
+        Returns the rewards ``[N]``, per-row info dicts (``terminated`` in each) and the batched observation."""
         r, (w_o, w_f, w_m) = self.rows, self.s.weights
         decisions = r.decide(self.keep_from_actions(actions, deciding), deciding)
         rewards = np.zeros(r.n)
@@ -714,7 +711,7 @@ class _Driver:
                 t["memory"] -= float(kept[i].sum() - e.kept_decided) / (r.L * r.H * e.total)
             rewards[i] = w_o * t["oracle"] + w_f * t["fidelity"] + w_m * t["memory"]
             infos[i] = self.info(i, kept[i], t)
-        return rewards, infos
+        return rewards, infos, r.observe(kept)
 
     def info(self, row: int, kept: np.ndarray, terms: dict | None) -> dict:
         e = self.rows.episodes[row]
@@ -795,8 +792,8 @@ class KVEvictionEnv(gym.Env):
             raise RuntimeError("the episode is over (terminated): call reset() to start the next one")
         self._driver.rows.check_running()
         action = _check_action(action, self.action_space, self.setup.action_type, None)
-        rewards, infos = self._driver.step_rows(action[None], [0])
-        obs = {k: v[0] for k, v in self._driver.rows.observe().items()}
+        rewards, infos, obs = self._driver.step_rows(action[None], [0])
+        obs = {k: v[0] for k, v in obs.items()}
         terminated = e.done
         if terminated:
             self._driver.rows.close()
@@ -863,7 +860,7 @@ class KVEvictionVectorEnv(VectorEnv):
             rows.begin(i, pool[k], self.setup.references.entries[sample_key(pool[k])])
             self._sample_index[i] = k
         deciding = [i for i in range(self.num_envs) if i not in restarting]
-        rewards, row_infos = self._driver.step_rows(actions, deciding)
+        rewards, row_infos, obs = self._driver.step_rows(actions, deciding)
         terminations = np.array([rows.episodes[i].done for i in range(self.num_envs)])
         terminations[restarting] = False
         rewards[restarting] = 0.0
@@ -871,7 +868,7 @@ class KVEvictionVectorEnv(VectorEnv):
         infos = {}
         for i, info in enumerate(row_infos):
             infos = self._add_info(infos, info | {"sample": int(self._sample_index[i])}, i)
-        return rows.observe(), rewards, terminations, np.zeros(self.num_envs, dtype=bool), infos
+        return obs, rewards, terminations, np.zeros(self.num_envs, dtype=bool), infos
 
     def close_extras(self, **kwargs):
         self._driver.rows.close()
