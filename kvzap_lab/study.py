@@ -346,6 +346,16 @@ def model_name(model: str) -> str:
     return "testbed" if model == "testbed" else Path(model).name
 
 
+def default_data_dir(results: Path, name: str, fingerprint: str, short: str) -> Path:
+    """``<results>/data/<model>`` (where ``kvzap_lab.collect`` writes by default) unless it holds another model's
+    data; then ``<results>/data/<model>-<fingerprint>``."""
+    from kvzap_lab import data
+
+    shared = results / "data" / name
+    manifest = data.read_manifest(shared) if shared.exists() else None
+    return shared if manifest is None or manifest["model"]["fingerprint"] == fingerprint else results / "data" / short
+
+
 def load_data(model, model_arg: str, data_dir: Path, task_names: list[str], context_tokens: int, seed: int):
     """The oracle dataset in ``data_dir`` (checked against ``model``); collected there first if absent or unfinished."""
     from kvzap_lab import collect, data
@@ -597,10 +607,11 @@ def optimize(study, objective, target: int, timeout: float | None, poll_s: float
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated ``(accuracy, compression)`` points (both maximised), by compression."""
+    """Indices of the non-dominated ``(accuracy, compression)`` points (both maximised; the first of equal
+    points), by compression."""
     front = [
         i for i, (a, c) in enumerate(points)
-        if not any((a2 >= a and c2 >= c) and (a2 > a or c2 > c) for a2, c2 in points)
+        if not any((a2 >= a and c2 >= c) and (a2 > a or c2 > c) for a2, c2 in points) and (a, c) not in points[:i]
     ]
     return sorted(front, key=lambda i: points[i][1])
 
@@ -674,7 +685,7 @@ def format_table(summary: dict) -> str:
     fmt = lambda c: "none" if c is None else f"{c:.3f} ({1 / max(1 - c, 1e-9):.2f}x)"  # noqa: E731
     lines.append(f"best compression within {100 * ACCURACY_TOLERANCE:g} point of full-cache accuracy: {fmt(best)}; "
                  f"target >= {1 / (1 - TARGET_COMPRESSION):g}x: {'met' if summary['target_met'] else 'not met'}")
-    lines.append(f"paper default (MLP width hidden/8, paper tau grid) at the same accuracy: {fmt(base)}")
+    lines.append(f"paper default (default scorer parameters, e.g. MLP width hidden/8; paper tau grid) at the same accuracy: {fmt(base)}")
     if "improvement_compression" in summary:
         lines.append(f"improvement over the paper default: {100 * summary['improvement_compression']:+.1f} points of compression")
     if "improvement_hypervolume_ratio" in summary:
@@ -770,7 +781,7 @@ def parser() -> argparse.ArgumentParser:
                    f"[{DEFAULT_N_TRIALS}]")
     p.add_argument("--timeout", type=_seconds, default=None, help="stop starting trials after this many seconds")
     p.add_argument("--study-name", default=None, help="Optuna study (and MLflow experiment) name; reuse it to "
-                   "continue a study [<policy>-<model>]")
+                   "continue a study [<policy>-<model>-<model fingerprint>]")
     p.add_argument("--storage", default=None, help="Optuna RDB URL shared by all workers, e.g. "
                    "postgresql://user:pass@host/db [sqlite:///<results>/optuna.db]")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI: sqlite:///file.db or http://host:port "
@@ -791,7 +802,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="local results folder: optuna.db, mlflow.db, "
                    "mlartifacts/, data/ [results]")
     p.add_argument("--data", type=Path, default=None, help="oracle dataset directory (kvzap_lab.collect); collected "
-                   "there if missing [<results>/data/<model>]")
+                   "there if missing [<results>/data/<model>, or <model>-<fingerprint> if that holds another model's]")
     p.add_argument("--space", action="append", default=[], metavar="NAME=LOW:HIGH", help="override a search "
                    "dimension: NAME=LOW:HIGH, NAME=A,B,C or NAME=VALUE (fixed); repeatable")
     p.add_argument("--no-baseline", action="store_true", help="do not queue the paper-default trials in a new study")
@@ -845,7 +856,9 @@ def run(args, argv: list[str]) -> dict | None:
 
     model, tokenizer = load_model(args.model)
     spec = describe(model)
-    data_dir = args.data or results / "data" / model_name(args.model)
+    fp = fingerprint(model)
+    short = f"{model_name(args.model)}-{fp[:8]}"  # a retrained model gets its own data and studies
+    data_dir = args.data or default_data_dir(results, model_name(args.model), fp, short)
     dataset = load_data(model, args.model, data_dir, list(args.tasks), args.context_tokens, args.seed)
     space = build_space(args.policy, factory, spec, dataset.y_train.numpy(), args.space)
 
@@ -853,8 +866,8 @@ def run(args, argv: list[str]) -> dict | None:
     sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=6, multivariate=True, constant_liar=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if args.objectives == "reward" else optuna.pruners.NopPruner()
     storage = open_storage(storage_url, args.heartbeat_interval, args.grace_period, stale_trial_callback(tracking_uri))
-    name = args.study_name or f"{getattr(factory, 'policy_name', args.policy)}-{model_name(args.model)}"
-    study, created = open_study(storage, name, identity(args, factory, fingerprint(model)), args.objectives, sampler, pruner)
+    name = args.study_name or f"{getattr(factory, 'policy_name', args.policy)}-{short}"
+    study, created = open_study(storage, name, identity(args, factory, fp), args.objectives, sampler, pruner)
     fail_stale_trials(study)
     study.set_user_attr("space", {"scorer": describe_space(space.scorer), "rule": describe_space(space.rule), "fixed": space.fixed})
 
@@ -865,7 +878,7 @@ def run(args, argv: list[str]) -> dict | None:
     if created and not args.no_baseline:
         enqueue_baselines(study, space, spec)
 
-    tracker = Tracker.open(tracking_uri, name, {"policy": args.policy, "model": args.model, "model_fingerprint": fingerprint(model),
+    tracker = Tracker.open(tracking_uri, name, {"policy": args.policy, "model": args.model, "model_fingerprint": fp,
                                                  "git_commit": git_commit(), "optuna.study": name})
     parent = args.parent_run_id
     if parent is None:

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from kvzap_lab import collect, study
-from kvzap_lab.model import describe, random_tiny_model
+from kvzap_lab.model import describe, fingerprint, random_tiny_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.studies import rule
 from kvzap_lab.studies.space import Choice, Float, Int, SpaceError, check_space, override, suggest
@@ -78,11 +78,16 @@ def args_for(tiny, results: Path, *extra: str, template: Path | None = None) -> 
             "--space", "epochs=2", *extra]
 
 
-def trials_of(results: Path, name: str = "kvzap_mlp-model") -> list:
+def default_name(tiny) -> str:
+    """The default study name: policy, model directory name, model fingerprint."""
+    return f"kvzap_mlp-model-{fingerprint(tiny[2])[:8]}"
+
+
+def trials_of(results: Path, name: str) -> list:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{results / 'optuna.db'}").get_trials()
 
 
-def runs_of(tracking_uri: str, name: str = "kvzap_mlp-model") -> tuple[list, list]:
+def runs_of(tracking_uri: str, name: str) -> tuple[list, list]:
     """(parent runs, trial runs) of a study's MLflow experiment."""
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
@@ -162,6 +167,15 @@ def test_custom_policy_declares_its_space_next_to_its_class(tiny, tmp_path):
     assert mlp.baseline(-7.0)["width"] == spec.hidden_size // 8 and mlp.baseline(-7.0)["tau"] == -7.0
 
 
+def test_default_data_dir_reuses_collect_output_unless_it_is_another_models(tiny, tmp_path):
+    _, data_dir, model = tiny
+    fp = fingerprint(model)
+    assert study.default_data_dir(tmp_path, "model", fp, "model-x") == tmp_path / "data" / "model"  # nothing there yet
+    shutil.copytree(data_dir, tmp_path / "data" / "model")
+    assert study.default_data_dir(tmp_path, "model", fp, "model-x") == tmp_path / "data" / "model"  # ours: reused
+    assert study.default_data_dir(tmp_path, "model", "0" * 16, "model-x") == tmp_path / "data" / "model-x"
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -196,14 +210,14 @@ def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_templ
     tracking = f"sqlite:///{results / 'mlflow.db'}"
     assert "Pareto front" in out and f"mlflow ui --backend-store-uri {tracking}" in out
 
-    trials = trials_of(results)
+    trials = trials_of(results, default_name(tiny))
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     paper = [t for t in trials if t.user_attrs.get("baseline") == "paper"]
     assert sorted(t.params["tau"] for t in paper) == [-9.0, -8.0, -7.0, -6.0]  # the paper's Llama grid
     assert all(t.params["width"] == 64 // 8 and t.params["window"] == 32 for t in paper)
     assert all(0 <= t.values[0] <= 1 and 0 <= t.values[1] <= 1 for t in trials)
 
-    parents, children = runs_of(tracking)
+    parents, children = runs_of(tracking, default_name(tiny))
     assert len(parents) == 1 and len(children) == 5
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -233,11 +247,11 @@ def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_templ
     monkeypatch.setattr(study.Bench, "run", lambda self, policy, task: (policy is None and full_cache_runs.append(task)) or real_run(self, policy, task))
     assert study.main(args_for(tiny, results, "--n-trials", "7")) == 0
     capsys.readouterr()
-    again = trials_of(results)
+    again = trials_of(results, default_name(tiny))
     assert len(again) == 7 and all(t.state == TrialState.COMPLETE for t in again)
     assert [(t.params, t.values) for t in again[:5]] == [(t.params, t.values) for t in trials]
     assert full_cache_runs == []
-    parents, children = runs_of(tracking)
+    parents, children = runs_of(tracking, default_name(tiny))
     assert len(parents) == 2 and len(children) == 7
 
     # Other objectives or settings on the same study name: a clear error, nothing stored changes.
@@ -247,7 +261,7 @@ def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_templ
     assert "samples_per_task: study has 2, this run has 3" in capsys.readouterr().err
     assert study.main(args_for(tiny, results, "--n-trials", "9", "--space", "lr=1e-2:1e-4")) == 2
     assert "inverted" in capsys.readouterr().err
-    assert len(trials_of(results)) == 7 and len(runs_of(tracking)[1]) == 7
+    assert len(trials_of(results, default_name(tiny))) == 7 and len(runs_of(tracking, default_name(tiny))[1]) == 7
 
 
 def test_failed_and_pruned_trials_end_failed_and_killed(tiny, mlflow_template, tmp_path, capsys, monkeypatch):
@@ -265,9 +279,9 @@ def test_failed_and_pruned_trials_end_failed_and_killed(tiny, mlflow_template, t
     argv = args_for(tiny, results, "--n-trials", "2", "--objectives", "reward", "--no-baseline", template=mlflow_template)
     assert study.main(argv) == 0
     capsys.readouterr()
-    states = [t.state for t in trials_of(results)]
+    states = [t.state for t in trials_of(results, default_name(tiny))]
     assert states == [TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
-    _, children = runs_of(f"sqlite:///{results / 'mlflow.db'}")
+    _, children = runs_of(f"sqlite:///{results / 'mlflow.db'}", default_name(tiny))
     status = {int(r.data.tags["optuna.trial"]): r for r in children}
     assert [status[i].info.status for i in range(3)] == ["KILLED", "FAILED", "FINISHED"]
     assert "loss diverged" in status[1].data.tags["error"]
@@ -279,11 +293,11 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tiny, 
     results = tmp_path / "results"
     assert study.main(args_for(tiny, results, "--n-trials", "4", "--workers", "2", "--no-baseline", template=mlflow_template)) == 0
     assert "Pareto front" in capsys.readouterr().out
-    trials = trials_of(results)
+    trials = trials_of(results, default_name(tiny))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert 4 <= len(complete) <= 5 and len(complete) == len(trials)  # at most workers - 1 extra, none lost
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
-    parents, children = runs_of(f"sqlite:///{results / 'mlflow.db'}")
+    parents, children = runs_of(f"sqlite:///{results / 'mlflow.db'}", default_name(tiny))
     assert len(parents) == 1  # one invocation
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [t.number for t in trials]  # one run each
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
@@ -301,7 +315,7 @@ def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, ml
         while time.monotonic() < deadline:
             time.sleep(0.2)
             try:
-                states = [t.state for t in optuna.load_study(study_name="kvzap_mlp-model", storage=storage).get_trials()]
+                states = [t.state for t in optuna.load_study(study_name=default_name(tiny), storage=storage).get_trials()]
             except (KeyError, Exception):  # noqa: BLE001 - the study does not exist yet
                 continue
             if states.count(TrialState.COMPLETE) >= 1 and states[-1] == TrialState.RUNNING:
@@ -313,7 +327,7 @@ def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, ml
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    before = optuna.load_study(study_name="kvzap_mlp-model", storage=storage).get_trials()
+    before = optuna.load_study(study_name=default_name(tiny), storage=storage).get_trials()
     complete = [t for t in before if t.state == TrialState.COMPLETE]
     killed = [t for t in before if t.state == TrialState.RUNNING]
     assert len(killed) == 1
@@ -321,12 +335,12 @@ def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, ml
 
     assert study.main(args_for(tiny, results, "--no-baseline", "--grace-period", "2", "--n-trials", str(len(complete) + 1))) == 0
     capsys.readouterr()
-    after = {t.number: t for t in trials_of(results)}
+    after = {t.number: t for t in trials_of(results, default_name(tiny))}
     assert after[killed[0].number].state == TrialState.FAIL
     assert all(after[t.number].state == TrialState.COMPLETE and after[t.number].values == t.values for t in complete)
     assert sum(t.state == TrialState.COMPLETE for t in after.values()) == len(complete) + 1
     tracking = f"sqlite:///{results / 'mlflow.db'}"
-    parents, children = runs_of(tracking)
+    parents, children = runs_of(tracking, default_name(tiny))
     by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
     assert by_trial[killed[0].number].info.status == "FAILED" and "heartbeat" in by_trial[killed[0].number].data.tags["error"]
     assert all(by_trial[t.number].info.status == "FINISHED" for t in complete)
@@ -360,7 +374,7 @@ def test_mlflow_server_receives_runs_metrics_and_artifacts(tiny, tmp_path, capsy
             with urllib.request.urlopen(request, timeout=10) as response:
                 return json.loads(response.read())
 
-        experiment = api("experiments/get-by-name?experiment_name=kvzap_mlp-model")["experiment"]
+        experiment = api(f"experiments/get-by-name?experiment_name={default_name(tiny)}")["experiment"]
         runs = api("runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
         trial_runs = [r for r, t in zip(runs, tags) if "optuna.trial" in t]
