@@ -50,7 +50,10 @@ next-token distributions of a full cache / of the compressed cache at answer pos
 the reference; in greedy mode only while the generated tokens equal the reference). The final step also pays
 ``- w_m * (pairs held that were never offered) / (L * H * T)``, so over an episode::
 
-    sum_t r_t = - w_o * (oracle mass lost)  - w_f * mean_j KL_j  - w_m * (pairs held at the end) / (L * H * T)
+    sum_t r_t = - w_o * (oracle mass lost)  - w_f * sum_j KL_j / A  - w_m * (pairs held at the end) / (L * H * T)
+
+(under teacher forcing ``sum_j KL_j / A`` is the mean KL over the answer and ``T`` tokens are fed, so the memory
+term is ``- w_m * (1 - compression)``).
 
 ``info`` carries ``compression`` (fraction of pairs evicted so far, as ``Compression.per_row``), ``kl`` (mean KL
 so far), ``oracle_mass_retained`` (1 - mass lost), the step's reward ``terms``, and at the end ``accuracy``
