@@ -1,20 +1,22 @@
 """Cost of the KVzip+ oracle relative to a plain prefill, and its peak memory chunked vs unchunked.
 
-    python benchmarks/oracle_cost.py [--lengths 512 1024 2048] [--repeats 3] [--chunk-size 2048] [--threads N] [--json]
+    python benchmarks/oracle_cost.py [--lengths 512 1024 2048] [--repeats 3] [--chunk-size 2048] [--threads N]
+                                     [--wide] [--json]
 
 Time (CPU time of this process, ``time.process_time``, so that other jobs on the machine do not count; run with
 ``--threads 1`` on a shared machine, as idle worker threads would otherwise spin): for each context length, a
-plain prefill of the context (``model(prefix + context, logits_to_keep=1)``, what
-generation does first) and the oracle on the same context run alternately ``--repeats`` times in this process;
-the medians and their ratio are printed (target: oracle <= 2.5x prefill). A third column times the same forward
-passes as the oracle with the model's own sdpa attention and no scoring: the floor for an exact oracle.
+plain prefill of the context (``model(prefix + context, logits_to_keep=1)``, what generation does first) and
+the oracle on the same context run alternately ``--repeats`` times in this process; the medians and their
+ratio are printed (target: oracle <= 2.5x prefill). A third column times the same forward passes as the
+oracle with the model's own sdpa attention and no scoring: the floor for an exact oracle.
 
 Memory: each oracle configuration (context length x chunk size) runs once in a fresh subprocess; we report the
-growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs after loading the model and a warm-up) during that one
-call. This counts everything the call allocates (activations, attention-row blocks, the KV cache), not just torch
-tensors; it is Linux-only and has page granularity.
+growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs after loading the model
+and a warm-up) during that one call. This counts everything the call allocates (activations, attention-row
+blocks, the KV cache), not just torch tensors; it is Linux-only and has page granularity.
 
 Model: the bundled test bed; when it is missing, a random Llama of the test bed's shape (said in the output).
+``--wide``: a random 4-layer Llama of hidden size 512, where the linear layers weigh more than on the test bed.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ from kvzap_lab import oracle
 from kvzap_lab.model import TESTBED_PATH, describe, load_model, random_tiny_model
 
 
-def bench_model():
-    """``(model, template, label)``: the test bed, or a random Llama of its shape when it is missing."""
+WIDE = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1536)
+
+
+def bench_model(wide: bool = False):
+    """``(model, template, label)``: the test bed, or a random Llama of its shape when it is missing; with
+    ``wide``, a random 4-layer Llama of hidden size 512 (linear layers weigh more, as in large models)."""
+    if wide:
+        model = random_tiny_model("llama", num_hidden_layers=4, vocab_size=768, max_position_embeddings=4096, **WIDE)
+        return model, TEMPLATE, "random wide llama (hidden 512, 8 heads / 2 KV heads, head_dim 64, MLP 1536)"
     if (TESTBED_PATH / "config.json").exists():
         model, tokenizer = load_model("testbed", device="cpu", dtype=torch.float32)
         return model, oracle.repeat_template(tokenizer), "testbed"
@@ -51,8 +60,10 @@ def bench_model():
         vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_positions,
     )
-    template = oracle.RepeatTemplate(prefix=(1, 3, 203), middle=tuple(range(200, 211)))
-    return model, template, "random llama of the test-bed shape (test bed missing)"
+    return model, TEMPLATE, "random llama of the test-bed shape (test bed missing)"
+
+
+TEMPLATE = oracle.RepeatTemplate(prefix=(1, 3, 203), middle=tuple(range(200, 211)))  # the test bed's lengths
 
 
 def context(n: int, seed: int = 0) -> list[int]:
@@ -112,9 +123,9 @@ def _peak_rss_kib() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def memory_probe(n: int, chunk_size: int | None) -> dict:
+def memory_probe(n: int, chunk_size: int | None, wide: bool) -> dict:
     """Run one oracle call in this (fresh) process and return the peak RSS growth in MiB."""
-    model, template, _ = bench_model()
+    model, template, _ = bench_model(wide)
     ids = context(n)
     oracle.oracle_scores(model, template, ids[:64], chunk_size=chunk_size)  # warm-up: libraries, thread pools
     with open("/proc/self/clear_refs", "w") as handle:
@@ -124,12 +135,12 @@ def memory_probe(n: int, chunk_size: int | None) -> dict:
     return {"tokens": n, "chunk_size": chunk_size, "peak_growth_mib": round((_peak_rss_kib() - before) / 1024, 1)}
 
 
-def measure_memory(lengths, chunk_sizes) -> list[dict]:
+def measure_memory(lengths, chunk_sizes, wide: bool) -> list[dict]:
     rows = []
     for n in lengths:
         for chunk_size in chunk_sizes:
             cmd = [sys.executable, __file__, "--memory-probe", str(n), "--chunk-size", str(chunk_size or 0)]
-            cmd += ["--threads", str(torch.get_num_threads())]
+            cmd += ["--threads", str(torch.get_num_threads())] + (["--wide"] if wide else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
@@ -142,6 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-size", type=int, default=oracle.DEFAULT_CHUNK, help="oracle chunk (0 = unchunked)")
     parser.add_argument("--memory-tokens", type=int, nargs="+", default=[1000, 2000], help="contexts for memory")
     parser.add_argument("--memory-chunks", type=int, nargs="+", default=[0, 2048, 512], help="0 = unchunked")
+    parser.add_argument("--wide", action="store_true", help="a random wider Llama instead of the test bed")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
@@ -149,13 +161,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.chunk_size or None)))
+        print(json.dumps(memory_probe(args.memory_probe, args.chunk_size or None, args.wide)))
         return 0
 
-    model, template, label = bench_model()
+    model, template, label = bench_model(args.wide)
     spec = describe(model)
     timing = time_lengths(model, template, args.lengths, args.repeats, args.chunk_size or None)
-    memory = measure_memory(args.memory_tokens, [c or None for c in args.memory_chunks])
+    memory = measure_memory(args.memory_tokens, [c or None for c in args.memory_chunks], args.wide)
     report = {"model": label, "threads": torch.get_num_threads(), "chunk_size": args.chunk_size or None,
               "timing": timing, "memory": memory}
     print(f"model: {label} ({spec.n_layers} layers, hidden {spec.hidden_size}, {spec.n_heads} heads / "
