@@ -15,9 +15,13 @@ hidden/8, AdamW 5e-3, 15 epochs, every tau of the paper's grid), so the study sa
 
 Storage: Optuna's RDB storage (sqlite by default, PostgreSQL/MySQL for several machines). ``--n-trials`` is the
 number of finished trials the study should hold: rerunning the same command continues a study (after a kill, it
-runs what is missing). A trial whose process died (kill -9, power loss) is detected by Optuna's heartbeat: its
-worker stops updating it, and once ``--grace-period`` seconds have passed the next start (or any running worker,
-before each trial) marks it FAIL and ends its MLflow run FAILED; every finished trial stays, in both stores.
+runs what is missing). ``--workers N`` starts N processes on the study; on other machines the same command with
+the same ``--storage`` (and its own ``--worker-index``) joins it; a worker whose remaining trials are running
+elsewhere waits for them. A trial whose process died (kill -9, power loss) is detected by Optuna's heartbeat
+(``--heartbeat-interval``), not by looking for live processes, so it works across machines: once
+``--grace-period`` seconds have passed without a heartbeat, the next start (or any live worker, before each
+trial) marks it FAIL, ends its MLflow run (and its invocation's parent run) FAILED, and the trial is run again;
+every finished trial stays, in both stores.
 
 MLflow: one parent run per invocation, one nested run per trial (params, metrics r2/accuracy/compression/reward/
 seconds, tags policy/model/git commit, artifacts: the scorer checkpoint and an accuracy-vs-compression plot);
@@ -33,7 +37,6 @@ import importlib
 import importlib.util
 import inspect
 import io
-import json
 import logging
 import math
 import os
@@ -323,7 +326,7 @@ class Tracker:
 
 @dataclass
 class Bench:
-    """What every trial evaluates on: the model, the dataset, the fixed held-out samples and the full cache."""
+    """What every trial evaluates on: the model, the oracle dataset and the fixed, seeded held-out samples."""
 
     model: object
     tokenizer: object
@@ -480,9 +483,9 @@ def make_objective(args, factory, space: SearchSpace, bench: Bench, full: dict, 
         rule_values = suggest(trial, space.rule)
         params = space.fixed | values | ({"seed": args.seed + trial.number} if "seed" in accepts else {})
         tags = {"optuna.trial": trial.number, "baseline": trial.user_attrs.get("baseline", "no"), "host": socket.gethostname()}
+        trial.set_user_attr("mlflow_parent_run_id", parent)
         run_id = tracker.start(f"trial-{trial.number}", params | rule_values, tags, parent=parent)
         trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("mlflow_parent_run_id", parent)
         try:
             scorer = factory(**params)
             scorer.fit(X_train, y_train, **({"manifest": data.manifest} if fit_takes_manifest else {}))
@@ -540,25 +543,29 @@ def make_objective(args, factory, space: SearchSpace, bench: Bench, full: dict, 
 
 
 def stale_trial_callback(uri: str):
-    """Optuna's heartbeat callback for a trial whose worker died: end its MLflow run FAILED, and its invocation's
-    parent run too once none of that invocation's trials is still running."""
+    """Optuna's heartbeat callback for a trial whose worker died: end its MLflow run FAILED (found by its
+    ``optuna.trial`` tag, so a worker killed before it recorded the run id is covered too), and its invocation's
+    parent run once none of that invocation's trials is still running."""
 
     def on_stale(study, trial) -> None:
         from mlflow.tracking import MlflowClient
-
         from optuna.trial import TrialState
 
         client = MlflowClient(tracking_uri=uri)
-        run_id, parent = trial.user_attrs.get("mlflow_run_id"), trial.user_attrs.get("mlflow_parent_run_id")
-        note = "worker died: no Optuna heartbeat within the grace period; the trial was marked FAIL"
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "error", note)
-            client.set_terminated(run_id, status="FAILED")
-        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.user_attrs.get("mlflow_parent_run_id") == parent]
-        if parent and not running and client.get_run(parent).info.status == "RUNNING":
-            client.set_tag(parent, "error", "invocation died (a trial of it lost its heartbeat)")
-            client.set_terminated(parent, status="FAILED")
-        print(f"trial {trial.number} of a dead worker marked FAIL (MLflow run {run_id} FAILED)", file=sys.stderr)
+        experiment = client.get_experiment_by_name(study.study_name)
+        found = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], f"tags.`optuna.trial` = '{trial.number}' and attributes.status = 'RUNNING'"
+        )
+        parents = {trial.user_attrs.get("mlflow_parent_run_id")} | {r.data.tags.get("mlflow.parentRunId") for r in found}
+        for run in found:
+            client.set_tag(run.info.run_id, "error", "worker died: no Optuna heartbeat within the grace period; trial marked FAIL")
+            client.set_terminated(run.info.run_id, status="FAILED")
+        running = {t.user_attrs.get("mlflow_parent_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for parent in parents - running - {None}:
+            if client.get_run(parent).info.status == "RUNNING":
+                client.set_tag(parent, "error", "invocation died (a trial of it lost its heartbeat)")
+                client.set_terminated(parent, status="FAILED")
+        print(f"trial {trial.number} of a dead worker marked FAIL ({len(found)} MLflow run(s) ended FAILED)", file=sys.stderr)
 
     return on_stale
 
@@ -783,7 +790,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None, help="Optuna study (and MLflow experiment) name; reuse it to "
                    "continue a study [<policy>-<model>-<model fingerprint>]")
     p.add_argument("--storage", default=None, help="Optuna RDB URL shared by all workers, e.g. "
-                   "postgresql://user:pass@host/db [sqlite:///<results>/optuna.db]")
+                   "postgresql://user:pass@host/db (give machines a shared --tracking-uri too) "
+                   "[sqlite:///<results>/optuna.db]")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI: sqlite:///file.db or http://host:port "
                    "[sqlite:///<results>/mlflow.db]")
     p.add_argument("--objectives", choices=sorted(OBJECTIVES), default="pareto", help="pareto: maximise accuracy and "

@@ -21,6 +21,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from kvzap_lab import collect, study
 from kvzap_lab.model import describe, fingerprint, random_tiny_model
@@ -314,11 +315,15 @@ def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, ml
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             time.sleep(0.2)
-            try:
-                states = [t.state for t in optuna.load_study(study_name=default_name(tiny), storage=storage).get_trials()]
-            except (KeyError, Exception):  # noqa: BLE001 - the study does not exist yet
+            if not (results / "optuna.db").exists():
                 continue
-            if states.count(TrialState.COMPLETE) >= 1 and states[-1] == TrialState.RUNNING:
+            try:
+                trials = optuna.load_study(study_name=default_name(tiny), storage=storage).get_trials()
+            except (KeyError, OperationalError):  # the study (or its tables) does not exist yet
+                continue
+            states = [t.state for t in trials]
+            # Kill once a trial has finished and the next one is running with its MLflow run open.
+            if states.count(TrialState.COMPLETE) >= 1 and states[-1] == TrialState.RUNNING and "mlflow_run_id" in trials[-1].user_attrs:
                 break
         else:
             pytest.fail("the study never had a complete trial and a running one")
