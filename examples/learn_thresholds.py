@@ -12,8 +12,9 @@ Without ``--checkpoint`` a KVzap-MLP scorer is first fitted (seeded, a minute at
 ``--scorer-contexts`` task contexts, drawn with another seed than the episodes.
 
 The question the lab exists for: on held-out samples, do the learned thresholds beat the best *uniform* tau at
-the same compression? The uniform tau is matched to the learned compression by bisection (rounds of
-``--population`` taus evaluated at once), and both are reported side by side (reward, accuracy, KL, oracle mass
+the same compression? The two uniform taus bracketing the learned compression are found by bisection (rounds of
+``--population`` taus evaluated at once); their scores, interpolated linearly to the learned compression, are
+the uniform tau at equal compression. All are reported side by side (reward, accuracy, KL, oracle mass
 retained, compression).
 """
 
@@ -104,25 +105,33 @@ def cem(venv: KVEvictionVectorEnv, samples: list[int], tau0: float, iterations: 
     return mu, history
 
 
-def uniform_at_compression(venv: KVEvictionVectorEnv, target: float, samples: list[int], rounds: int = 3) -> tuple[float, dict]:
-    """The uniform tau whose compression on ``samples`` is closest to ``target`` (compression grows with tau):
-    each round evaluates ``N`` taus spread over the current bracket at once, then narrows it."""
+def uniform_bracket(venv: KVEvictionVectorEnv, target: float, samples: list[int], rounds: int = 4) -> list[tuple[float, dict]]:
+    """The uniform taus just below and just above ``target`` compression on ``samples`` (compression grows with
+    tau), as ``[(tau, scores), (tau, scores)]``: each round evaluates ``N`` taus spread over the current bracket at
+    once, then narrows it."""
     lo, hi = TAU_RANGE
     shape = venv.single_action_space.shape
-    best = None
+    below = above = None
     for _ in range(rounds):
         grid = np.linspace(lo, hi, venv.num_envs)
         scores = evaluate_taus(venv, np.broadcast_to(grid[:, None, None], (venv.num_envs, *shape)), samples)
-        i = int(np.argmin(np.abs(scores.compression - target)))
-        if best is None or abs(scores.compression[i] - target) < abs(best[1]["compression"] - target):
-            best = (float(grid[i]), scores.row(i))
-        below = grid[scores.compression <= target]
-        above = grid[scores.compression >= target]
-        lo = below.max() if len(below) else lo
-        hi = above.min() if len(above) else hi
-        if hi <= lo:
-            break
-    return best
+        for i, (tau, compression) in enumerate(zip(grid, scores.compression)):
+            if compression <= target and (below is None or compression >= below[1]["compression"]):
+                below = (float(tau), scores.row(i))
+            if compression >= target and (above is None or compression <= above[1]["compression"]):
+                above = (float(tau), scores.row(i))
+        lo, hi = (below or (lo,))[0], (above or (hi,))[0]
+    if below is None or above is None:
+        raise ValueError(f"no uniform tau in {TAU_RANGE} reaches compression {target:.3f} on both sides")
+    return [below, above]
+
+
+def interpolate(bracket: list[tuple[float, dict]], target: float) -> dict:
+    """Linear interpolation of the bracket's scores at ``target`` compression (the uniform tau at equal compression)."""
+    (_, low), (_, high) = bracket
+    span = high["compression"] - low["compression"]
+    weight = 0.0 if span == 0 else (target - low["compression"]) / span
+    return {k: low[k] + weight * (high[k] - low[k]) for k in low}
 
 
 def main(argv=None) -> dict:
@@ -158,7 +167,8 @@ def main(argv=None) -> dict:
     mu, history = cem(venv, train, args.tau0, args.iterations, seed=args.seed)
     learned_train = evaluate_taus(venv, np.broadcast_to(mu, (args.population, *mu.shape)), train).row(0)
     learned = evaluate_taus(venv, np.broadcast_to(mu, (args.population, *mu.shape)), heldout).row(0)
-    tau_uniform, uniform = uniform_at_compression(venv, learned["compression"], heldout)
+    bracket = uniform_bracket(venv, learned["compression"], heldout)
+    uniform = interpolate(bracket, learned["compression"])
     venv.close()
 
     for h in history:
@@ -167,14 +177,15 @@ def main(argv=None) -> dict:
     print(f"train reward: start (uniform tau={args.tau0}) {start_reward:+.4f} -> learned {learned_train['reward']:+.4f}")
     print("learned tau [layers x kv_heads]:\n" + np.array2string(mu, precision=2))
     print(f"held-out ({len(heldout)} samples)      reward   accuracy  KL      oracle kept  compression")
-    for name, s in (("learned per-head tau", learned), (f"uniform tau={tau_uniform:+.2f}", uniform)):
+    rows = [("learned per-head tau", learned)] + [(f"uniform tau={tau:+.2f}", s) for tau, s in bracket]
+    for name, s in rows + [("uniform, interpolated", uniform)]:
         print(f"  {name:<26} {s['reward']:+.4f}  {s['accuracy']:.3f}     {s['kl']:.4f}  {s['oracle_mass_retained']:.4f}       "
               f"{s['compression']:.3f}")
     verdict = "beats" if learned["reward"] > uniform["reward"] else "does not beat"
-    print(f"learned thresholds {verdict} the best uniform tau at equal compression on held-out reward "
+    print(f"learned thresholds {verdict} the uniform tau at equal compression on held-out reward "
           f"({time.perf_counter() - started:.0f} s)")
     result = {"start_reward": float(start_reward), "learned_train": learned_train, "learned_heldout": learned,
-              "uniform_heldout": uniform, "uniform_tau": tau_uniform, "tau": mu.tolist(), "history": history}
+              "uniform_heldout": uniform, "uniform_bracket": bracket, "tau": mu.tolist(), "history": history}
     if args.json:
         print(json.dumps(result))
     return result

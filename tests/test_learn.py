@@ -51,9 +51,12 @@ def test_cem_improves_over_the_starting_thresholds_deterministically(setting):
     np.testing.assert_array_equal(mu, again)  # seeded: the same run gives the same thresholds
 
 
-def test_uniform_tau_is_matched_to_a_target_compression(setting):
+def test_uniform_taus_bracket_a_target_compression(setting):
     learn, venv = setting
     target = 0.3
-    tau, scores = learn.uniform_at_compression(venv, target, [0], rounds=3)
-    assert learn.TAU_RANGE[0] < tau < learn.TAU_RANGE[1]
-    assert scores["compression"] == pytest.approx(target, abs=0.05)
+    (tau_low, low), (tau_high, high) = learn.uniform_bracket(venv, target, [0], rounds=4)
+    assert learn.TAU_RANGE[0] < tau_low <= tau_high < learn.TAU_RANGE[1]
+    assert low["compression"] <= target <= high["compression"] and high["compression"] - low["compression"] < 0.05
+    at = learn.interpolate([(tau_low, low), (tau_high, high)], target)
+    assert at["compression"] == pytest.approx(target)
+    assert min(low["reward"], high["reward"]) <= at["reward"] <= max(low["reward"], high["reward"])
