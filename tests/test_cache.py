@@ -10,15 +10,6 @@ from kvzap_lab.cache import CompactCache
 B, H, D = 2, 3, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def feed(cache: CompactCache, t: int, valid: torch.Tensor | None = None, seed: int = 0):
     """Announce and append ``t`` tokens to every layer (random keys/values); return the keys written."""
     cache.begin_step(cache.next_positions(B, t, valid), valid)

@@ -20,15 +20,6 @@ from kvzap_lab.tasks import make_samples
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and stay fast when other jobs share the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A small checkpoint directory (random Llama with GQA + the test-bed tokenizer) that the CLI can load."""

@@ -15,15 +15,6 @@ from kvzap_lab.policy import Policy, Threshold, TopK
 WINDOW, SINKS, CHUNK = 8, 2, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class TableScorer:
     """Fixed random scores by (layer, KV head, position): a fixed random keep decision for ``Threshold(0)``."""

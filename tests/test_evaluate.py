@@ -13,15 +13,6 @@ from kvzap_lab.model import random_tiny_model
 from kvzap_lab.testbed import train_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     tokenizer = train_tokenizer(vocab_size=300)

@@ -14,15 +14,6 @@ from kvzap_lab.oracle import RepeatTemplate, decode_oracle_scores, oracle_scores
 TEMPLATE = RepeatTemplate(prefix=(1, 5), middle=(7, 8, 9, 10))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and stay fast when other jobs share the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_ids(n, seed, vocab=128):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 

@@ -167,12 +167,11 @@ def test_oracle_looks_scores_up_by_absolute_position():
 
 
 def _snippet() -> str:
-    for name in ("README.md", "README_policies.md"):
-        path = REPO / name
-        if path.is_file() and "## Writing your own policy" in (text := path.read_text()):
-            section = text.split("## Writing your own policy", 1)[1]
-            return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    raise AssertionError("neither README.md nor README_policies.md has a '## Writing your own policy' section")
+    """The first python block of README.md's '## Writing your own policy' section."""
+    text = (REPO / "README.md").read_text()
+    assert "## Writing your own policy" in text, "README.md lost its '## Writing your own policy' section"
+    section = text.split("## Writing your own policy", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_custom_policy_snippet_runs(capsys):
