@@ -125,10 +125,8 @@ def scorer_space(policy: str, factory, spec) -> tuple[dict, dict]:
     own = getattr(factory, "search_space", None) or getattr(sys.modules.get(factory.__module__), "search_space", None)
     if own is not None:
         return own(spec), dict(getattr(factory, "search_fixed", {}))
-    from kvzap_lab.policy import _REGISTRY  # names the class is registered under (aliases included)
-
-    names = [policy] + sorted(name for name, f in _REGISTRY.items() if f is factory)
-    for name in names:
+    names = [policy] + [name for name in list_policies() if resolve_policy(name) is factory]  # aliases too
+    for name in filter(str.isidentifier, names):
         try:
             module = importlib.import_module(f"kvzap_lab.studies.{name}")
         except ModuleNotFoundError:
