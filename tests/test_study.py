@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -196,7 +197,7 @@ def test_bad_policy_and_unreachable_services_fail_fast(tiny, tmp_path, capsys):
         started = time.monotonic()
         assert study.main(args_for(tiny, tmp_path / "r", *extra)) == 2
         err = capsys.readouterr().err
-        assert __import__("re").search(message, err), err
+        assert re.search(message, err), err
         assert "secret" not in err
         assert time.monotonic() - started < 15
 
