@@ -480,7 +480,7 @@ def make_objective(args, factory, space: SearchSpace, bench: Bench, full: dict, 
         values = suggest(trial, space.scorer)
         rule_values = suggest(trial, space.rule)
         params = space.fixed | values | ({"seed": args.seed + trial.number} if "seed" in accepts else {})
-        tags = {"optuna.trial": trial.number, "baseline": trial.user_attrs.get("baseline", "no"), "host": socket.gethostname()}
+        tags = {"optuna.trial": trial.number, "baseline": trial.user_attrs.get("baseline", "no"), "host": socket.gethostname(), "pid": os.getpid()}
         trial.set_user_attr("mlflow_parent_run_id", parent)
         run_id = tracker.start(f"trial-{trial.number}", params | rule_values, tags, parent=parent)
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -796,8 +796,8 @@ def parser() -> argparse.ArgumentParser:
                    f"compression (a Pareto front); reward: maximise compression - {REWARD_PENALTY:g} x accuracy lost "
                    f"beyond {ACCURACY_TOLERANCE:g} (single objective, with pruning) [pareto]")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler, the scorers and the evaluation samples [0]")
-    p.add_argument("--workers", type=_positive, default=1, help="worker processes on this machine, each loading the "
-                   "model; other machines run the same command with the same --storage [1]")
+    p.add_argument("--workers", type=_positive, default=1, help="worker processes on this machine (this one and N-1 "
+                   "more, each loading the model); other machines run the same command with the same --storage [1]")
     p.add_argument("--model", default="testbed", help="'testbed', a checkpoint directory or a hub name [testbed]")
     p.add_argument("--tasks", nargs="+", choices=tasks.TASKS, metavar="TASK", default=list(tasks.TASKS), help="evaluation tasks: "
                    f"{', '.join(tasks.TASKS)} [all]")
@@ -822,21 +822,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def spawn_workers(argv: list[str], n: int, parent: str) -> None:
-    """Run ``n`` worker processes of this command on the same study; raise if one fails."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
+def start_workers(argv: list[str], n: int, parent: str, threads: int) -> list[subprocess.Popen]:
+    """Start workers 1..n-1 of this command on the same study (this process is worker 0)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "kvzap_lab.study", *argv]
-    procs = [
+    return [
         subprocess.Popen(command + ["--workers", "1", "--worker-index", str(i), "--parent-run-id", parent], env=env)
-        for i in range(n)
+        for i in range(1, n)
     ]
-    try:
-        codes = [p.wait() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
+
+
+def wait_workers(procs: list[subprocess.Popen]) -> None:
+    """Wait for worker processes; raise if one failed."""
+    codes = [p.wait() for p in procs]
     if any(codes):
         raise StudyError(f"worker processes exited with codes {codes} (see their output above)")
 
@@ -891,13 +889,19 @@ def run(args, argv: list[str]) -> dict | None:
         invocation = {k: v for k, v in vars(args).items() if k != "parent_run_id"} | {"storage": _hide_password(storage_url)}
         parent = tracker.start(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", invocation, {"kind": "study"})
         tracker.metrics(parent, {"full_accuracy": full_mean} | {f"full_accuracy_{t}": a for t, a in full.items()})
+    procs = []
     try:
         if args.workers > 1:
-            spawn_workers(argv, args.workers, parent)
-        else:
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-            optimize(study, make_objective(args, factory, space, bench, full, tracker, parent), args.n_trials, args.timeout)
+            threads = max(1, (os.cpu_count() or 1) // args.workers)
+            procs = start_workers(argv, args.workers, parent, threads)
+            torch.set_num_threads(threads)
+        optimize(study, make_objective(args, factory, space, bench, full, tracker, parent), args.n_trials, args.timeout)
+        wait_workers(procs)
     except BaseException as err:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
         if args.parent_run_id is None:
             tracker.end(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", traceback.format_exc())
         raise

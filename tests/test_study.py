@@ -290,19 +290,36 @@ def test_failed_and_pruned_trials_end_failed_and_killed(tiny, mlflow_template, t
     assert "partial_reward" in status[0].data.metrics and "reward" in status[2].data.metrics
 
 
+@pytest.fixture
+def overlapping_workers(monkeypatch):
+    """With --workers 2, this process is worker 0 and would finish tiny studies before worker 1 has imported torch:
+    make it start only once worker 1 runs a trial, so that both really work on the study at the same time."""
+    real_optimize = study.optimize
+
+    def optimize(st, *args, **kwargs):
+        deadline = time.monotonic() + 120
+        while not st.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+            assert time.monotonic() < deadline, "worker 1 never started a trial"
+            time.sleep(0.1)
+        return real_optimize(st, *args, **kwargs)
+
+    monkeypatch.setattr(study, "optimize", optimize)
+
+
 @pytest.mark.slow
-def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tiny, mlflow_template, tmp_path, capsys):
+def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tiny, mlflow_template, tmp_path, capsys, overlapping_workers):
     results = tmp_path / "results"
-    assert study.main(args_for(tiny, results, "--n-trials", "4", "--workers", "2", "--no-baseline", template=mlflow_template)) == 0
+    assert study.main(args_for(tiny, results, "--n-trials", "6", "--workers", "2", "--no-baseline", template=mlflow_template)) == 0
     assert "Pareto front" in capsys.readouterr().out
     trials = trials_of(results, default_name(tiny))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 4 <= len(complete) <= 5 and len(complete) == len(trials)  # at most workers - 1 extra, none lost
+    assert 6 <= len(complete) <= 7 and len(complete) == len(trials)  # at most workers - 1 extra, none lost
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
     parents, children = runs_of(f"sqlite:///{results / 'mlflow.db'}", default_name(tiny))
     assert len(parents) == 1  # one invocation
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [t.number for t in trials]  # one run each
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+    assert len({r.data.tags["pid"] for r in children}) == 2  # both processes ran trials
 
 
 @pytest.mark.slow
@@ -399,16 +416,17 @@ def test_mlflow_server_receives_runs_metrics_and_artifacts(tiny, tmp_path, capsy
 
 
 @pytest.mark.postgres
-def test_two_workers_on_postgres(tiny, mlflow_template, tmp_path, capsys):
+def test_two_workers_on_postgres(tiny, mlflow_template, tmp_path, capsys, overlapping_workers):
     url = os.environ.get("KVZAP_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("KVZAP_TEST_POSTGRES_URL is not set (.ci/postgres.sh starts a server and prints it)")
     name = f"pg-{uuid.uuid4().hex[:8]}"
-    argv = args_for(tiny, tmp_path / "results", "--n-trials", "4", "--workers", "2", "--no-baseline",
+    argv = args_for(tiny, tmp_path / "results", "--n-trials", "6", "--workers", "2", "--no-baseline",
                     "--storage", url, "--study-name", name, template=mlflow_template)
     assert study.main(argv) == 0
     capsys.readouterr()
     trials = optuna.load_study(study_name=name, storage=study.database_url(url)).get_trials()
-    assert 4 <= len(trials) <= 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert 6 <= len(trials) <= 7 and all(t.state == TrialState.COMPLETE for t in trials)
     _, children = runs_of(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}", name)
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [t.number for t in trials]
+    assert len({r.data.tags["pid"] for r in children}) == 2
