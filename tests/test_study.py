@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
@@ -33,15 +32,6 @@ from kvzap_lab.testbed import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and stay fast when other jobs share the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
