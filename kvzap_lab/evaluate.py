@@ -322,7 +322,8 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1, with a message naming the rule."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1; got {text}")
@@ -336,13 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--taus", nargs="+", type=_finite, default=list(DEFAULT_TAUS), help="thresholds for threshold policies")
     parser.add_argument("--keep-ratios", nargs="+", type=_ratio, default=list(DEFAULT_KEEP_RATIOS), help="per-head budgets for the baselines")
     parser.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
-    parser.add_argument("--context-tokens", nargs="+", type=_positive, default=[512, 1024])
-    parser.add_argument("--n-samples", type=_positive, default=200, help="samples per cell")
+    parser.add_argument("--context-tokens", nargs="+", type=positive_int, default=[512, 1024])
+    parser.add_argument("--n-samples", type=positive_int, default=200, help="samples per cell")
     parser.add_argument("--seed", type=int, default=1, help="sample seed")
     parser.add_argument("--window", type=_non_negative, default=DEFAULT_WINDOW, help="sliding window (tokens never evicted)")
     parser.add_argument("--sinks", type=_non_negative, default=DEFAULT_SINKS, help="first tokens never evicted")
-    parser.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK, help="prefill chunk (tokens)")
-    parser.add_argument("--batch-size", type=_positive, default=16)
+    parser.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK, help="prefill chunk (tokens)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("results/eval/eval.jsonl"), help="JSON lines (resumable)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")

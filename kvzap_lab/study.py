@@ -58,6 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvzap_lab import tasks
+from kvzap_lab.evaluate import positive_int
 from kvzap_lab.policy import Policy, list_policies, resolve_policy
 from kvzap_lab.studies import rule as rule_space
 from kvzap_lab.studies.space import SpaceError, check_space, defaults, override, suggest
@@ -758,13 +759,6 @@ def browse_command(uri: str) -> str:
 # -------------------------------------------------------------------------------------------------------- CLI
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {text}")
-    return value
-
-
 def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -781,7 +775,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--policy", required=True, help="trainable policy to tune: mlp, linear, gbdt (or a registered "
                    "name, or path/to/file.py:ClassName with a search_space(spec))")
-    p.add_argument("--n-trials", type=_positive, default=DEFAULT_N_TRIALS, help="finished trials the study should "
+    p.add_argument("--n-trials", type=positive_int, default=DEFAULT_N_TRIALS, help="finished trials the study should "
                    "hold (rerunning continues up to this many; the first ones are the paper defaults) "
                    f"[{DEFAULT_N_TRIALS}]")
     p.add_argument("--timeout", type=_seconds, default=None, help="stop starting trials after this many seconds")
@@ -796,14 +790,14 @@ def parser() -> argparse.ArgumentParser:
                    f"compression (a Pareto front); reward: maximise compression - {REWARD_PENALTY:g} x accuracy lost "
                    f"beyond {ACCURACY_TOLERANCE:g} (single objective, with pruning) [pareto]")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler, the scorers and the evaluation samples [0]")
-    p.add_argument("--workers", type=_positive, default=1, help="worker processes on this machine (this one and N-1 "
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine (this one and N-1 "
                    "more, each loading the model); other machines run the same command with the same --storage [1]")
     p.add_argument("--model", default="testbed", help="'testbed', a checkpoint directory or a hub name [testbed]")
     p.add_argument("--tasks", nargs="+", choices=tasks.TASKS, metavar="TASK", default=list(tasks.TASKS), help="evaluation tasks: "
                    f"{', '.join(tasks.TASKS)} [all]")
-    p.add_argument("--samples-per-task", type=_positive, default=DEFAULT_SAMPLES_PER_TASK, help="held-out samples "
+    p.add_argument("--samples-per-task", type=positive_int, default=DEFAULT_SAMPLES_PER_TASK, help="held-out samples "
                    f"answered per task and trial [{DEFAULT_SAMPLES_PER_TASK}]")
-    p.add_argument("--context-tokens", type=_positive, default=DEFAULT_CONTEXT_TOKENS, help="context length of the "
+    p.add_argument("--context-tokens", type=positive_int, default=DEFAULT_CONTEXT_TOKENS, help="context length of the "
                    f"samples (and of a collected dataset) [{DEFAULT_CONTEXT_TOKENS}]")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="local results folder: optuna.db, mlflow.db, "
                    "mlartifacts/, data/ [results]")
@@ -812,9 +806,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space", action="append", default=[], metavar="NAME=LOW:HIGH", help="override a search "
                    "dimension: NAME=LOW:HIGH, NAME=A,B,C or NAME=VALUE (fixed); repeatable")
     p.add_argument("--no-baseline", action="store_true", help="do not queue the paper-default trials in a new study")
-    p.add_argument("--heartbeat-interval", type=_positive, default=10, help="seconds between a running trial's "
+    p.add_argument("--heartbeat-interval", type=positive_int, default=10, help="seconds between a running trial's "
                    "heartbeats [10]")
-    p.add_argument("--grace-period", type=_positive, default=60, help="seconds without heartbeat after which a "
+    p.add_argument("--grace-period", type=positive_int, default=60, help="seconds without heartbeat after which a "
                    "running trial counts as dead and is marked FAIL [60]")
     p.add_argument("--worker-index", type=int, default=0, help="this worker's index (offsets the sampler seed); "
                    "give each machine its own when several share a storage [0]")
