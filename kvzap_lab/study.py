@@ -455,12 +455,19 @@ def _accuracy_plot(per_task: dict, full: dict, accuracy: float, compression: flo
         ax.scatter([result["compression"]], [result["accuracy"]], color=color, label=task)
         ax.scatter([0.0], [full[task]], facecolors="none", edgecolors=color)
     ax.scatter([compression], [accuracy], marker="*", s=200, color="black", label="mean")
+    _save_accuracy_plot(fig, ax, path, legend_size=7, dpi=90)
+
+
+def _save_accuracy_plot(fig, ax, path: Path, legend_size: int, dpi: int) -> None:
+    """Shared finish of the accuracy-vs-compression plots: 4x marker, axes, grid, legend, save, close."""
+    import matplotlib.pyplot as plt
+
     ax.axvline(TARGET_COMPRESSION, color="grey", linestyle=":", label="4x compression")
     ax.set(xlabel="compression (fraction of KV pairs evicted)", ylabel="accuracy", xlim=(-0.02, 1.0), ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -715,13 +722,7 @@ def plot_front(summary: dict, path: Path) -> None:
     front = summary["front"]
     ax.plot([r["compression"] for r in front], [r["accuracy"] for r in front], "o-", color="C3", label="Pareto front")
     ax.axhline(summary["full_accuracy"], color="black", linestyle="--", label="full cache")
-    ax.axvline(TARGET_COMPRESSION, color="grey", linestyle=":", label="4x compression")
-    ax.set(xlabel="compression (fraction of KV pairs evicted)", ylabel="accuracy", xlim=(-0.02, 1.0), ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_accuracy_plot(fig, ax, path, legend_size=8, dpi=100)
 
 
 def log_summary(tracker: Tracker, parent: str, summary: dict) -> None:
