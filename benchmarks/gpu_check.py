@@ -15,6 +15,8 @@ Sections (each reports PASS / FAIL / SKIPPED; the exit status is 1 when any sect
    MLP policy whose scorer calls the kernels: with nothing evicted it must give the full cache's tokens; with
    eviction, the device run is compared with a CPU run (torch paths): compression must agree to 0.02, token
    agreement is reported. A missing module is reported as SKIPPED, not a failure.
+5. env: ``KVEviction-v0`` episodes (test-bed model, knorm policy) on the device and on CPU: compression and oracle
+   mass retained must agree to 0.02.
 
 Results are printed; when ``$OUT`` is set they are also written to ``$OUT/gpu_check.json`` and ``$OUT/gpu_check.txt``.
 """
@@ -246,6 +248,45 @@ def check_engine(device, dry: bool) -> dict:
     return dict(ok=ok_full and ok_cpu, **results)
 
 
+def check_env(device, dry: bool) -> dict:
+    """Episodes of ``KVEviction-v0`` on ``device`` and on CPU (test-bed model, knorm policy with a threshold, the
+    same samples): compression must agree to 0.02 and oracle mass retained to 0.02; rewards are reported."""
+    import gymnasium as gym
+    import numpy as np
+
+    from kvzap_lab.envs.kv_eviction import PolicyAgent
+    from kvzap_lab.policy import Threshold, get_policy
+
+    n_samples, context = (1, 64) if dry else (4, 512)
+    policy = get_policy("knorm", rule=Threshold(tau=-5.0, window=16, sinks=4))
+    ends = {}
+    for where in (device, torch.device("cpu")):
+        env = gym.make("kvzap_lab/KVEviction-v0", model="testbed", task="single_needle", n_samples=n_samples,
+                       context_tokens=context, policy=policy, chunk_size=128, device=str(where))
+        on = next(env.unwrapped.setup.model.parameters()).device
+        if on.type != where.type:
+            raise RuntimeError(f"env asked for {where} runs on {on}")
+        agent, rows = PolicyAgent(policy), []
+        for k in range(n_samples):
+            obs, _ = env.reset(options={"sample": k})
+            total, done = 0.0, False
+            while not done:
+                obs, reward, done, _, info = env.step(agent.act(obs))
+                total += reward
+            rows.append((info["compression"], info["oracle_mass_retained"], total, info["accuracy"]))
+        env.close()
+        ends[where.type] = np.asarray(rows).mean(0).tolist()
+    dev, cpu = ends[device.type], ends["cpu"]
+    ok = abs(dev[0] - cpu[0]) <= 0.02 and abs(dev[1] - cpu[1]) <= 0.02
+    log(
+        f"  {'ok  ' if ok else 'FAIL'} KVEviction-v0 on {device} vs cpu ({n_samples} x {context} tokens): compression "
+        f"{dev[0]:.3f} vs {cpu[0]:.3f}, oracle retained {dev[1]:.3f} vs {cpu[1]:.3f}, episode reward {dev[2]:.3f} vs "
+        f"{cpu[2]:.3f}, accuracy {dev[3]:.2f} vs {cpu[3]:.2f}"
+    )
+    return dict(ok=ok, device=dict(zip(("compression", "oracle_retained", "reward", "accuracy"), dev)),
+                cpu=dict(zip(("compression", "oracle_retained", "reward", "accuracy"), cpu)))
+
+
 def environment(device) -> dict:
     from kvzap_lab import kernels
 
@@ -281,7 +322,7 @@ def main() -> int:
     parser.add_argument("--dry", action="store_true", help="tiny shapes and one timing round: checks the script itself")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (median taken); default 7, 1 with --dry")
     parser.add_argument("--calls", type=int, default=None, help="back-to-back calls per timing round; default 20, 1 with --dry")
-    parser.add_argument("--skip-engine", action="store_true", help="skip the end-to-end engine check")
+    parser.add_argument("--skip-engine", action="store_true", help="skip the end-to-end engine and env checks")
     ARGS = parser.parse_args()
     ARGS.rounds = ARGS.rounds or (1 if ARGS.dry else 7)
     ARGS.calls = ARGS.calls or (1 if ARGS.dry else 20)
@@ -298,6 +339,7 @@ def main() -> int:
     sections = [("scorer", lambda: check_scorer(shapes, device, timings)), ("compact", lambda: check_compact(shapes, device, timings))]
     if not ARGS.skip_engine:
         sections.append(("engine", lambda: check_engine(device, ARGS.dry)))
+        sections.append(("env", lambda: check_env(device, ARGS.dry)))
     for name, run in sections:
         log(f"== {name}")
         start = time.perf_counter()

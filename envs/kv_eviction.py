@@ -287,7 +287,8 @@ def make_setup(
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: pass tokenizer=")
         model_device = next(model.parameters()).device
-        if device is not None and torch.device(device) != model_device:
+        want = None if device is None else torch.device(device)
+        if want is not None and (want.type != model_device.type or want.index not in (None, model_device.index)):
             raise ValueError(f"device={device!r} but the given model is on {model_device}; move the model or drop device=")
     spec = describe(model)
     if decoding not in DECODINGS:
@@ -467,11 +468,7 @@ class _Rows:
     # -- episodes
     def begin(self, row: int, sample: tasks.Sample, ref: Reference) -> None:
         """Start ``sample`` in ``row``: the row's old pairs are dropped and its positions restart at 0."""
-        if self.cache.real_seen is not None:
-            self.cache.real_seen[row] = 0
-            for layer in self.cache.layers:
-                if layer.is_initialized:
-                    layer.alive[row] = False
+        self.cache.restart_row(row)
         total = len(sample.input_ids) + len(sample.answer_ids) - 1
         hist = torch.zeros(self.L, total + 1, self.D, device=self.device)
         self.episodes[row] = _Episode(sample, ref, hist, total, next_candidate=self.s.sinks)

@@ -283,6 +283,16 @@ class CompactCache(Cache):
             key_states, value_states, positions=self.step.positions, valid=self.step.valid
         )
 
+    def restart_row(self, row: int) -> None:
+        """Empty batch row ``row`` so that a new sequence can start in it (its pairs die and leave at the next
+        :meth:`compact`; its positions restart at 0); the other rows are untouched."""
+        if self.real_seen is None:
+            return
+        self.real_seen[row] = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.alive[row] = False
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 

@@ -209,7 +209,7 @@ def draw_task(task: str, encode: PieceEncoder, context_tokens: int, rng: random.
         return context, question, " , ".join(values), {"keys": [key], "prefix": f"{key} is"}
     if task == "kv_retrieval":
         # Facts alone, no filler: as many "ADJ KEY maps to NNNN ." lines as fit.
-        line_tokens = len(encode(" golden apple maps to 1234 ."))
+        line_tokens = max(len(encode(f" {adj} {key} maps to 1234 .")) for adj in COLORS for key in KEYS)  # longest line
         count = max(1, context_tokens // line_tokens)
         pairs = {}
         while len(pairs) < count:

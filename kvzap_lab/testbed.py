@@ -138,7 +138,7 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
         questions = [(question, answer, meta["prefix"])]
     else:  # recall: needles with distinct keys, several asked; dense_recall packs them with no filler between
         dense = kind == "dense_recall"
-        needle_tokens = len(encode(" " + tasks.needle("apple", "1234")))
+        needle_tokens = max(len(encode(" " + tasks.needle(key, "1234"))) for key in tasks.KEYS)  # longest needle
         count = rng.randint(4, max(4, min(48, context_tokens // needle_tokens))) if dense else rng.randint(1, 16)
         keys = rng.sample(tasks.KEYS, count)
         values = [str(rng.randrange(1000, 10000)) for _ in keys]
@@ -308,16 +308,16 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
         step += 1
         progress.update(1)
         with torch.no_grad():
-            hit = (shift_logits.argmax(-1) == shift_labels) | (shift_labels == -100)
-            per_row = hit.all(dim=1).float().cpu()
+            hit = (shift_logits.argmax(-1) == shift_labels) & (shift_labels != -100)
+            per_row = (hit.sum(1) / counts).float().cpu()  # token accuracy on the loss tokens of each row
         for index, kind in enumerate(KINDS):
             rows = kind_ids == index
             if rows.any():
                 accuracy[kind] = 0.9 * accuracy.get(kind, per_row[rows].mean().item()) + 0.1 * per_row[rows].mean().item()
-        progress.set_postfix(loss=f"{loss.item():.3f}", L=int(length), recall=f"{accuracy.get('recall', 0):.2f}", copy=f"{accuracy.get('copy', 0):.2f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", L=int(length), **{k[:6]: f"{v:.2f}" for k, v in accuracy.items()})
         out_of_time = time_budget is not None and time.time() - began > time_budget
         if step % every == 0 or step == config.steps or out_of_time:
-            meta = {"config": asdict(config), "step": step, "seconds": time.time() - began, "batch_accuracy": accuracy}
+            meta = {"config": asdict(config), "step": step, "seconds": time.time() - began, "batch_token_accuracy": accuracy}
             meta["history"] = [{k: v for k, v in h.items() if k != "history"} for h in history]
             _save_checkpoint(model, tokenizer, out, meta)  # first: a saved state always has its checkpoint
             _atomic_torch_save(
@@ -327,7 +327,7 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
         if out_of_time:
             break
     progress.close()
-    return {"step": step, "seconds": time.time() - began, "batch_accuracy": accuracy}
+    return {"step": step, "seconds": time.time() - began, "batch_token_accuracy": accuracy}
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

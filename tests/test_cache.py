@@ -125,3 +125,16 @@ def test_update_outside_the_engine_is_refused():
     cache = CompactCache(n_layers=1)
     with pytest.raises(RuntimeError, match="evicting"):
         cache.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), 0)
+
+
+def test_restart_row_empties_one_row_and_restarts_its_positions():
+    cache = CompactCache(n_layers=2)
+    feed(cache, 5)
+    cache.end_step()
+    cache.restart_row(0)
+    assert cache.real_seen.tolist() == [0, 5]
+    assert [layer.kept().tolist() for layer in cache.layers] == [[[0] * H, [5] * H]] * 2
+    cache.compact()
+    assert cache.layers[0].used == 5 and cache.layers[0].stored == H * 5  # row 0's pairs are gone
+    feed(cache, 2)
+    assert cache.step.positions.tolist() == [[0, 1], [5, 6]]

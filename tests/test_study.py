@@ -344,7 +344,9 @@ def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, ml
     complete = [t for t in before if t.state == TrialState.COMPLETE]
     killed = [t for t in before if t.state == TrialState.RUNNING]
     assert len(killed) == 1
-    # The rerun starts after more than the grace period (imports, model): the killed trial's heartbeat is stale.
+    # The rerun must start after the grace period, or the killed trial's heartbeat is not stale yet (this process
+    # has everything imported already, so it could start within it).
+    time.sleep(3)
 
     assert study.main(args_for(tiny, results, "--no-baseline", "--grace-period", "2", "--n-trials", str(len(complete) + 1))) == 0
     capsys.readouterr()
