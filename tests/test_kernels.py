@@ -359,3 +359,15 @@ if INTERPRETED:
         compact(*make_layer(cap=8, empty_tail=2))
         score_and_threshold(torch.randn(2, D), make_weights(mlp=False), 0.0)
         assert calls == ["compact", "score"] and kernels.uses_triton(torch.zeros(1))
+
+
+@pytest.mark.slow
+def test_gpu_check_script_passes_its_cpu_dry_run(tmp_path):
+    """benchmarks/gpu_check.py on CPU (Triton interpreted, tiny shapes): every section runs and passes."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dry"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "summary: scorer PASS, compact PASS, engine PASS, env PASS" in result.stdout
+    assert (tmp_path / "gpu_check.json").exists() and (tmp_path / "gpu_check.txt").exists()
