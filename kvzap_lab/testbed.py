@@ -4,10 +4,13 @@
     python -m kvzap_lab.testbed eval --json                                      # full-cache accuracy
 
 The model is a small Llama (GQA: 4 query heads, 2 KV heads; RoPE) with a byte-level BPE tokenizer trained on
-our own synthetic corpus, so it encodes any UTF-8 text. It is trained from scratch on the task suite of
-:mod:`kvzap_lab.tasks` in a multi-turn form (many questions about one context, loss on answer tokens only) plus
-the copy task (loss on the repeated context), with a fixed length curriculum (256 → 2048 context tokens). The result is a standard HF checkpoint directory
-(config, safetensors, tokenizer.json, chat template) loadable by ``AutoModelForCausalLM``/``AutoTokenizer``.
+our own synthetic corpus, so it encodes any UTF-8 text; every task word is one token and a number's first digit
+carries its leading space. It is trained from scratch, seeded: first mostly pure induction (random tokens, then
+a continuation from a random anchor in them: induction heads form there) with dense associative recall, then
+the task suite of :mod:`kvzap_lab.tasks` in a multi-turn form (many questions about one context, loss on answer
+tokens only), the copy task (loss on the repeated context) and small-alphabet induction (matches several tokens
+long), with a fixed length curriculum (256 -> ``max_context`` tokens). The result is a standard HF checkpoint
+directory (config, safetensors, tokenizer.json, chat template) loadable by ``AutoModelForCausalLM``/``AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class TrainConfig:
     heads: int = 4
     kv_heads: int = 2
     intermediate_size: int = 512
-    vocab_size: int = 768
+    vocab_size: int = 1024
     tokenizer_lines: int = 20000
     max_positions: int = 4096
     max_context: int = 2048
@@ -80,15 +83,19 @@ def _corpus_lines(rng: random.Random, n: int):
         )
 
 
-def train_tokenizer(vocab_size: int = 768, seed: int = 0, lines: int = 20000):
-    """A byte-level BPE tokenizer (digits split one by one) with the chat tokens and template, trained on
-    ``lines`` lines of synthetic task text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(vocab_size: int = 1024, seed: int = 0, lines: int = 20000):
+    """A byte-level BPE tokenizer with the chat tokens and template, trained on ``lines`` lines of synthetic
+    task text. Digits are split one by one, the first keeping its leading space (" 1234" -> " 1" "2" "3" "4"),
+    so a value starts right after the word before it, as a key does: one token less for induction to bridge."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -121,6 +128,24 @@ def _turn(encode, question: str, answer: str, prefix: str | None) -> tuple[list[
 def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random) -> tuple[list[int], list[int]]:
     """One training sequence of a given kind and its loss mask (1 on answer tokens)."""
     end = encode.special(tasks.END)
+    if kind in ("induction", "ngram_induction"):
+        # Random tokens, then a continuation from a random anchor in them: pure induction. "induction" draws
+        # distinct tokens (one-token matches are unique: the easy case, where induction heads form);
+        # "ngram_induction" draws from an alphabet as small as the ten digits, so one-token matches are
+        # ambiguous and the model must match several tokens back, as it must to find "KEY is" among many
+        # needles and to continue a number without jumping to another one.
+        special = {encode.special(token) for token in tasks.SPECIAL_TOKENS}
+        vocabulary = [i for i in range(len(encode.tokenizer)) if i not in special]
+        n = context_tokens // 2
+        if kind == "induction" and n <= len(vocabulary):
+            context = rng.sample(vocabulary, n)
+        else:
+            alphabet = rng.sample(vocabulary, rng.choice([10, 16, 64])) if kind == "ngram_induction" else vocabulary
+            context = [rng.choice(alphabet) for _ in range(n)]
+        anchor = rng.randrange(n // 2)
+        continuation = context[anchor : anchor + context_tokens // 4]
+        # the first two continuation tokens may be ambiguous (the anchor token can occur twice); loss after them
+        return [encode.special(tasks.BOS)] + context + continuation, [0] * (1 + n + 2) + [1] * (len(continuation) - 2)
     if kind == "copy":
         context, _ = tasks.build_context(encode, [], context_tokens // 2, rng)
         prompt, _ = tasks.chat_prompt(encode, context, tasks.COPY_INSTRUCTION)
@@ -158,7 +183,16 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
     return ids, mask
 
 
-KINDS = {"dense_recall": 0.3, "recall": 0.3, "kv": 0.1, "multi_value": 0.1, "vars": 0.05, "copy": 0.15}
+KINDS = ("induction", "ngram_induction", "dense_recall", "recall", "kv", "multi_value", "vars", "copy")
+# Mix of sequence kinds: first mostly pure induction (induction heads form there, after a plateau of a few
+# million tokens) with dense associative recall, then the full task mix. Fixed by step fraction, like the
+# length curriculum.
+WARMUP_MIX = {"induction": 0.5, "dense_recall": 0.3, "copy": 0.2}
+TASK_MIX = {
+    "induction": 0.05, "ngram_induction": 0.1, "dense_recall": 0.2, "recall": 0.25, "kv": 0.1, "multi_value": 0.1,
+    "vars": 0.05, "copy": 0.15,
+}  # fmt: skip
+WARMUP_FRACTION = 0.5
 
 
 class BatchSource(torch.utils.data.Dataset):
@@ -177,10 +211,11 @@ class BatchSource(torch.utils.data.Dataset):
         rng = random.Random(f"train:{self.config.seed}:{step}")
         unlocked = [n for n, at in CURRICULUM.items() if step >= at * self.config.steps and n <= self.config.max_context]
         length = unlocked[-1] if rng.random() < 0.5 else rng.choice(unlocked)
+        mix = WARMUP_MIX if step < WARMUP_FRACTION * self.config.steps else TASK_MIX
         seqs, masks, kinds = [], [], []
         budget = self.config.tokens_per_step
         while budget > 0:
-            kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+            kind = rng.choices(list(mix), weights=list(mix.values()))[0]
             ids, mask = training_sequence(self.encode, kind, length, rng)
             seqs.append(ids)
             masks.append(mask)
@@ -192,7 +227,7 @@ class BatchSource(torch.utils.data.Dataset):
         for row, (ids, mask) in enumerate(zip(seqs, masks)):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
-        kind_ids = torch.tensor([list(KINDS).index(k) for k in kinds])
+        kind_ids = torch.tensor([KINDS.index(k) for k in kinds])
         return input_ids, labels, kind_ids, length
 
 
@@ -252,6 +287,12 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
         tokenizer = AutoTokenizer.from_pretrained(config.init_from or out)
     else:
         tokenizer = train_tokenizer(config.vocab_size, config.seed, config.tokenizer_lines)
+        split = [w for w in tasks.VOCABULARY if len(tokenizer.encode(" " + w, add_special_tokens=False)) != 1]
+        if split:  # one token per word: keys split in pieces would share tokens and make retrieval ambiguous
+            raise ValueError(
+                f"--vocab-size {config.vocab_size} leaves {len(split)} task words in several tokens "
+                f"({', '.join(split[:5])}, ...); raise it or --tokenizer-lines"
+            )
     model = build_model(config, tokenizer)
     history = []
     if config.init_from:  # fine-tune: start from an earlier checkpoint's weights (same architecture)
