@@ -136,14 +136,14 @@ def training_sequence(encode, kind: str, context_tokens: int, rng: random.Random
         # needles and to continue a number without jumping to another one.
         special = {encode.special(token) for token in tasks.SPECIAL_TOKENS}
         vocabulary = [i for i in range(len(encode.tokenizer)) if i not in special]
-        n = context_tokens // 2
+        n = min(context_tokens // 2, 32)  # short: induction heads form within ~500 steps of 4k tokens
         if kind == "induction" and n <= len(vocabulary):
             context = rng.sample(vocabulary, n)
         else:
             alphabet = rng.sample(vocabulary, rng.choice([10, 16, 64])) if kind == "ngram_induction" else vocabulary
             context = [rng.choice(alphabet) for _ in range(n)]
         anchor = rng.randrange(n // 2)
-        continuation = context[anchor : anchor + context_tokens // 4]
+        continuation = context[anchor : anchor + n // 2]
         # the first two continuation tokens may be ambiguous (the anchor token can occur twice); loss after them
         return [encode.special(tasks.BOS)] + context + continuation, [0] * (1 + n + 2) + [1] * (len(continuation) - 2)
     if kind == "copy":
@@ -192,7 +192,8 @@ TASK_MIX = {
     "induction": 0.05, "ngram_induction": 0.1, "dense_recall": 0.2, "recall": 0.25, "kv": 0.1, "multi_value": 0.1,
     "vars": 0.05, "copy": 0.15,
 }  # fmt: skip
-WARMUP_FRACTION = 0.5
+INDUCTION_FRACTION = 0.2  # pure induction first: mixed with the tasks from the start, induction heads never formed
+WARMUP_FRACTION = 0.35
 
 
 class BatchSource(torch.utils.data.Dataset):
@@ -211,7 +212,10 @@ class BatchSource(torch.utils.data.Dataset):
         rng = random.Random(f"train:{self.config.seed}:{step}")
         unlocked = [n for n, at in CURRICULUM.items() if step >= at * self.config.steps and n <= self.config.max_context]
         length = unlocked[-1] if rng.random() < 0.5 else rng.choice(unlocked)
-        mix = WARMUP_MIX if step < WARMUP_FRACTION * self.config.steps else TASK_MIX
+        if step < INDUCTION_FRACTION * self.config.steps:
+            mix = {"induction": 1.0}
+        else:
+            mix = WARMUP_MIX if step < WARMUP_FRACTION * self.config.steps else TASK_MIX
         seqs, masks, kinds = [], [], []
         budget = self.config.tokens_per_step
         while budget > 0:
