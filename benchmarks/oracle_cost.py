@@ -31,39 +31,23 @@ import time
 import torch
 
 from kvzap_lab import oracle
-from kvzap_lab.model import TESTBED_PATH, describe, load_model, random_tiny_model
+from kvzap_lab.model import describe, load_model, random_tiny_model
 
 
 WIDE = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1536)
 
 
 def bench_model(wide: bool = False):
-    """``(model, template, label)``: the test bed, or a random Llama of its shape when it is missing; with
-    ``wide``, a random 4-layer Llama of hidden size 512 (linear layers weigh more, as in large models)."""
+    """``(model, template, label)``: the test bed; with ``wide``, a random 4-layer Llama of hidden size 512 (linear
+    layers weigh more, as in large models)."""
     if wide:
-        model = random_tiny_model("llama", num_hidden_layers=4, vocab_size=768, max_position_embeddings=4096, **WIDE)
+        model = random_tiny_model("llama", num_hidden_layers=4, vocab_size=1024, max_position_embeddings=4096, **WIDE)
         return model, TEMPLATE, "random wide llama (hidden 512, 8 heads / 2 KV heads, head_dim 64, MLP 1536)"
-    if (TESTBED_PATH / "config.json").exists():
-        model, tokenizer = load_model("testbed", device="cpu", dtype=torch.float32)
-        return model, oracle.repeat_template(tokenizer), "testbed"
-    from kvzap_lab.testbed import TrainConfig
-
-    cfg = TrainConfig()
-    model = random_tiny_model(
-        "llama",
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.hidden_size // cfg.heads,
-        intermediate_size=cfg.intermediate_size,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_positions,
-    )
-    return model, TEMPLATE, "random llama of the test-bed shape (test bed missing)"
+    model, tokenizer = load_model("testbed", device="cpu", dtype=torch.float32)
+    return model, oracle.repeat_template(tokenizer), "testbed"
 
 
-TEMPLATE = oracle.RepeatTemplate(prefix=(1, 3, 203), middle=tuple(range(200, 211)))  # the test bed's lengths
+TEMPLATE = oracle.RepeatTemplate(prefix=(1, 3, 203), middle=tuple(range(200, 211)))  # the wide model: a repeat template of the test bed's size
 
 
 def context(n: int, seed: int = 0) -> list[int]:

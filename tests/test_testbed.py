@@ -1,16 +1,24 @@
-"""The test-bed training script (a few steps of a tiny config: resumable after kill -9, deterministic) and the
-bundled checkpoint's accuracy (short form of `python -m kvzap_lab.testbed eval --json`)."""
+"""The test-bed training script (a few steps of a tiny config: resumable after kill -9, deterministic), its
+recipe (tokenizer, induction sequences, phases) and the bundled checkpoint's accuracy (short form of
+`python -m kvzap_lab.testbed eval --json`)."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from kvzap_lab import tasks, testbed
+from kvzap_lab.model import TESTBED_PATH
 
 TINY = [
     "--hidden-size", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
@@ -59,6 +67,71 @@ def test_training_resumes_after_kill_and_matches_an_uninterrupted_run(tmp_path):
     assert "was written with another config" in err.value.stderr
 
 
+@pytest.fixture(scope="module")
+def bundled_tokenizer():
+    return AutoTokenizer.from_pretrained(TESTBED_PATH)
+
+
+def test_bundled_tokenizer_keeps_task_words_whole_and_digits_space_led(bundled_tokenizer):
+    split = [w for w in tasks.VOCABULARY if len(bundled_tokenizer.encode(" " + w, add_special_tokens=False)) != 1]
+    assert split == []
+    ids = bundled_tokenizer.encode(" apple is 1234", add_special_tokens=False)
+    pieces = [bundled_tokenizer.decode([i]) for i in ids]
+    assert pieces == [" apple", " is", " 1", "2", "3", "4"]
+    # Still byte-level: any UTF-8 text round-trips.
+    text = "naïve → 東京 🙂 42"
+    assert bundled_tokenizer.decode(bundled_tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_a_vocabulary_too_small_for_the_task_words_is_refused(tmp_path):
+    config = testbed.TrainConfig(vocab_size=300, tokenizer_lines=1500, steps=1)
+    with pytest.raises(ValueError, match=r"--vocab-size 300 leaves \d+ task words in several tokens"):
+        testbed.train(config, tmp_path / "model", "cpu", workers=0, every=1, time_budget=None)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("kind", ["induction", "ngram_induction"])
+def test_induction_sequences_continue_their_context_from_an_anchor(kind, bundled_tokenizer):
+    encode = tasks.PieceEncoder(bundled_tokenizer)
+    special = {encode.special(t) for t in tasks.SPECIAL_TOKENS}
+    for seed in range(20):
+        ids, mask = testbed.training_sequence(encode, kind, 512, random.Random(seed))
+        assert len(ids) == len(mask) and ids[0] == encode.special(tasks.BOS)
+        n = 32
+        context, continuation = ids[1 : 1 + n], ids[1 + n :]
+        assert len(continuation) == n // 2 and not special & set(context)
+        if kind == "induction":
+            assert len(set(context)) == n  # distinct: every one-token match is unique
+        assert any(context[a : a + n // 2] == continuation for a in range(n // 2))
+        # Loss on the continuation except its first two tokens (the anchor can be ambiguous there).
+        assert mask == [0] * (1 + n + 2) + [1] * (n // 2 - 2)
+
+
+def _kinds(source, step):
+    _, _, kind_ids, _ = source[step]
+    return Counter(testbed.KINDS[i] for i in kind_ids.tolist())
+
+
+def test_recipe_phases_pure_induction_then_warmup_then_tasks_and_fine_tuning_skips_to_tasks(bundled_tokenizer):
+    config = testbed.TrainConfig(steps=100, tokens_per_step=3000, max_context=512)
+    source = testbed.BatchSource(bundled_tokenizer, config)
+    assert set(_kinds(source, 0)) == {"induction"}
+    assert set(_kinds(source, 19)) == {"induction"}
+    warmup = Counter()
+    for step in range(20, 35):
+        warmup += _kinds(source, step)
+    assert set(warmup) <= set(testbed.WARMUP_MIX) and len(warmup) >= 2
+    tasks_phase = Counter()
+    for step in range(35, 100, 5):
+        tasks_phase += _kinds(source, step)
+    assert {"recall", "kv", "copy"} <= set(tasks_phase)
+    fine_tune = testbed.BatchSource(bundled_tokenizer, replace(config, init_from="some/checkpoint"))
+    first = set(_kinds(fine_tune, 0))
+    assert len(first) >= 3 and first <= set(testbed.TASK_MIX)
+    # Same step, same config: the same batch (resume and worker processes rely on it).
+    torch.testing.assert_close(source[40][0], source[40][0])
+
+
 @pytest.mark.slow
 def test_bundled_testbed_meets_accuracy_targets_short_form():
     cmd = [sys.executable, "-m", "kvzap_lab.testbed", "eval", "--json", "--n", "40", "--context-tokens", "512",
@@ -67,8 +140,9 @@ def test_bundled_testbed_meets_accuracy_targets_short_form():
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["context_tokens"] == 512
     accuracy = summary["accuracy"]
-    # What the bundled model does reliably: retrieve a lone needle and repeat its context (the KVzip pretext).
-    # Telling several keys apart (multi_key_needle, 0.2 at 200 samples) is not there yet; see README.
+    # Issue targets at 512 tokens: retrieve a lone needle and one of several keys, repeat the context (the KVzip
+    # pretext task, token accuracy).
     assert accuracy["single_needle"] >= 0.9
+    assert accuracy["multi_key_needle"] >= 0.9
     assert accuracy["copy"] >= 0.95
     assert set(accuracy) == {"single_needle", "multi_key_needle", "copy"}
