@@ -67,7 +67,7 @@ def args_for(tiny, results: Path, *extra: str, template: Path | None = None) -> 
         shutil.copy(template, results / "mlflow.db")
     return ["--policy", "mlp", "--model", str(model_dir), "--data", str(data_dir), "--results", str(results),
             "--tasks", "single_needle", "copy", "--samples-per-task", "2", "--context-tokens", "40",
-            "--space", "epochs=2", *extra]
+            "--space", "epochs=2", "--verify-samples", "3", *extra]
 
 
 def default_name(tiny) -> str:
@@ -232,6 +232,13 @@ def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_templ
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto_front.png", "best_trials.csv", "best_trials.md"} <= parent_artifacts
     assert "n_complete" in parent.data.metrics and parent.data.metrics["n_complete"] == 5
+    # The best point within 1 point of full-cache accuracy is re-checked on fresh samples, once.
+    (key, verified), = optuna.load_study(study_name=default_name(tiny), storage=f"sqlite:///{results / 'optuna.db'}").user_attrs["verified"].items()
+    assert key == f"{verified['trial']}:3" and verified["samples_per_task"] == 3
+    assert 0 <= verified["accuracy"] <= 1 and 0 <= verified["compression"] <= 1
+    assert verified["accuracy_drop"] == pytest.approx(verified["full_accuracy"] - verified["accuracy"])
+    assert f"verified on 3 fresh samples per task (seed {study.VERIFY_SEED_OFFSET}): trial {verified['trial']}" in out
+    assert parent.data.metrics["verified_accuracy"] == pytest.approx(verified["accuracy"])
 
     # Rerunning continues the study up to --n-trials: old trials untouched, full-cache accuracy not re-measured.
     full_cache_runs = []
