@@ -477,6 +477,15 @@ def _save_accuracy_plot(fig, ax, path: Path, legend_size: int, dpi: int) -> None
     plt.close(fig)
 
 
+def operating_point(per_task: dict, full_mean: float) -> dict:
+    """Mean accuracy and compression of ``per_task`` results (``{task: {"accuracy", "compression"}}``), the
+    accuracy lost against ``full_mean`` and the compression ratio."""
+    accuracy = float(np.mean([r["accuracy"] for r in per_task.values()]))
+    compression = float(np.mean([r["compression"] for r in per_task.values()]))
+    return {"accuracy": accuracy, "accuracy_drop": full_mean - accuracy, "compression": compression,
+            "compression_ratio": 1.0 / max(1.0 - compression, 1e-9)}
+
+
 def _trial_seed(factory, seed: int) -> dict:
     """``{"seed": seed}`` if the scorer takes a seed, else nothing."""
     return {"seed": seed} if "seed" in inspect.signature(factory).parameters else {}
@@ -520,24 +529,19 @@ def make_objective(args, factory, space: SearchSpace, bench: Bench, full: dict, 
             for step, task in enumerate(args.tasks):
                 per_task[task] = bench.run(policy, task)
                 if args.objectives == "reward":
-                    partial = reward(
-                        float(np.mean([r["accuracy"] for r in per_task.values()])),
-                        float(np.mean([r["compression"] for r in per_task.values()])),
-                        float(np.mean([full[t] for t in per_task])),
-                    )
+                    full_so_far = float(np.mean([full[t] for t in per_task]))
+                    point = operating_point(per_task, full_so_far)
+                    partial = reward(point["accuracy"], point["compression"], full_so_far)
                     trial.report(partial, step)
                     if trial.should_prune():
                         tracker.metrics(run_id, {"r2": fit["r2"], "partial_reward": partial, "seconds": time.perf_counter() - started})
                         raise optuna.TrialPruned(f"pruned after {task}: partial reward {partial:.4f}")
-            accuracy = float(np.mean([r["accuracy"] for r in per_task.values()]))
-            compression = float(np.mean([r["compression"] for r in per_task.values()]))
+            point = operating_point(per_task, full_mean)
+            accuracy, compression = point["accuracy"], point["compression"]
             result = {
                 "r2": fit["r2"],
                 "spearman": fit["spearman"],
-                "accuracy": accuracy,
-                "accuracy_drop": full_mean - accuracy,
-                "compression": compression,
-                "compression_ratio": 1.0 / max(1.0 - compression, 1e-9),
+                **point,
                 "reward": reward(accuracy, compression, full_mean),
                 "train_seconds": train_seconds,
                 "seconds": time.perf_counter() - started,
@@ -670,16 +674,19 @@ def summarize(study, full_mean: float) -> dict:
     front = [rows[i] for i in pareto_front(points)]
 
     def best_at_target(subset):
-        ok = [r["compression"] for r in subset if r["accuracy"] >= full_mean - ACCURACY_TOLERANCE]
-        return max(ok) if ok else None
+        """The row of highest compression within the accuracy tolerance, or None."""
+        ok = [r for r in subset if r["accuracy"] >= full_mean - ACCURACY_TOLERANCE]
+        return max(ok, key=lambda r: r["compression"]) if ok else None
 
     base = [r for r in rows if r["baseline"]]
+    best_row, base_row = best_at_target(rows), best_at_target(base)
     summary = {
         "rows": rows,
         "front": front,
         "full_accuracy": full_mean,
-        "best_compression_at_target": best_at_target(rows),
-        "baseline_best_compression_at_target": best_at_target(base),
+        "best_at_target": best_row,
+        "best_compression_at_target": None if best_row is None else best_row["compression"],
+        "baseline_best_compression_at_target": None if base_row is None else base_row["compression"],
         "hypervolume": hypervolume(points),
         "baseline_hypervolume": hypervolume([(r["accuracy"], r["compression"]) for r in base]) if base else None,
     }
@@ -698,10 +705,9 @@ def verify_best(args, factory, space: SearchSpace, bench: Bench, study, summary:
     full cache. Picking the best of many trials on a few samples flatters it; this measures by how much. Kept in
     the study's user attributes (per trial and sample count), so a rerun does not redo it. None when disabled or
     when no trial is within the tolerance."""
-    if args.verify_samples == 0 or summary["best_compression_at_target"] is None:
+    row = summary["best_at_target"]
+    if args.verify_samples == 0 or row is None:
         return None
-    ok = [r for r in summary["rows"] if r["accuracy"] >= summary["full_accuracy"] - ACCURACY_TOLERANCE]
-    row = max(ok, key=lambda r: r["compression"])
     key, done = f"{row['trial']}:{args.verify_samples}", dict(study.user_attrs.get("verified", {}))
     if key not in done:
         seed = VERIFY_SEED_OFFSET + args.seed
@@ -715,14 +721,12 @@ def verify_best(args, factory, space: SearchSpace, bench: Bench, study, summary:
             study.set_user_attr(full_key, full)
         _, policy = fit_trial_policy(args, factory, space, fresh, row["params"], row["trial"])
         per_task = {t: fresh.run(policy, t) for t in tqdm(args.tasks, desc=f"verify: trial {row['trial']}")}
-        accuracy = float(np.mean([r["accuracy"] for r in per_task.values()]))
-        compression = float(np.mean([r["compression"] for r in per_task.values()]))
         full_mean = float(np.mean(list(full.values())))
+        point = operating_point(per_task, full_mean)
         done[key] = {
             "trial": row["trial"], "samples_per_task": args.verify_samples, "seed": seed, "full_accuracy": full_mean,
-            "accuracy": accuracy, "accuracy_drop": full_mean - accuracy, "compression": compression,
-            "compression_ratio": 1.0 / max(1.0 - compression, 1e-9),
-            "target_met": full_mean - accuracy <= ACCURACY_TOLERANCE and compression >= TARGET_COMPRESSION,
+            **point,
+            "target_met": point["accuracy_drop"] <= ACCURACY_TOLERANCE and point["compression"] >= TARGET_COMPRESSION,
         }  # fmt: skip
         study.set_user_attr("verified", done)
     return done[key]

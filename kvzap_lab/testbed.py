@@ -121,6 +121,12 @@ def train_tokenizer(vocab_size: int = 1024, seed: int = 0, lines: int = 20000):
     )
 
 
+def split_task_words(tokenizer) -> list[str]:
+    """Task words (:data:`kvzap_lab.tasks.VOCABULARY`, after a space) that ``tokenizer`` does not encode as one
+    token: empty for a tokenizer fit for the test bed."""
+    return [w for w in tasks.VOCABULARY if len(tokenizer.encode(" " + w, add_special_tokens=False)) != 1]
+
+
 # ----------------------------------------------------------------------------------------------- data
 def _turn(encode, question: str, answer: str, prefix: str | None) -> tuple[list[int], list[int]]:
     """A further user question and assistant answer (after the answer prefix, if any): (ids, loss mask)."""
@@ -299,7 +305,7 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
         tokenizer = AutoTokenizer.from_pretrained(config.init_from or out)
     else:
         tokenizer = train_tokenizer(config.vocab_size, config.seed, config.tokenizer_lines)
-        split = [w for w in tasks.VOCABULARY if len(tokenizer.encode(" " + w, add_special_tokens=False)) != 1]
+        split = split_task_words(tokenizer)
         if split:  # one token per word: keys split in pieces would share tokens and make retrieval ambiguous
             raise ValueError(
                 f"--vocab-size {config.vocab_size} leaves {len(split)} task words in several tokens "
