@@ -557,17 +557,17 @@ class _Rows:
             return
         lo = torch.tensor(starts, device=self.device)[:, None, None]
         n = torch.tensor(counts, device=self.device)[:, None, None]
-        self._selection, scores = [], []
-        for layer in self.cache.layers:
+        self._selection = []
+        scores = torch.full((self.n, self.L, self.H, self.C + 1), math.nan, device=self.device) if self.s.policy is not None else None
+        for layer_idx, layer in enumerate(self.cache.layers):
             used = layer.used
             index = layer.positions[:, :, :used] - lo
             selected = layer.alive[:, :, :used] & (index >= 0) & (index < n)
             index = index.masked_fill_(~selected, self.C)  # slot -> candidate index, C for the others
             self._selection.append((index, selected))
-            if self.s.policy is not None:
-                out = torch.full((self.n, self.H, self.C + 1), math.nan, device=self.device)
-                scores.append(out.scatter_(2, index, layer.scores[:, :, :used])[..., : self.C])
-        self._scores = torch.stack(scores, 1) if scores else None
+            if scores is not None:
+                scores[:, layer_idx].scatter_(2, index, layer.scores[:, :, :used])
+        self._scores = None if scores is None else scores[..., : self.C]
         for i, (e, start, count) in enumerate(zip(self.episodes, starts, counts)):
             if count:
                 w = e.ref.weights[:, :, start : start + count]
@@ -625,7 +625,8 @@ class _Rows:
         flags[rows, :, :, : self.C] = keep[rows]
         flags_t = torch.from_numpy(flags).to(self.device)
         for layer_idx, (layer, (index, selected)) in enumerate(zip(self.cache.layers, self._selection)):
-            layer.drop(selected & ~flags_t[:, layer_idx].gather(2, index))
+            if not flags[:, layer_idx].all():  # else this layer keeps every candidate: nothing to drop
+                layer.drop(selected & ~flags_t[:, layer_idx].gather(2, index))
         for i in rows:
             e = self.episodes[i]
             lost = float(self._weights[i][~keep[i]].sum())

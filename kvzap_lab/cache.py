@@ -9,8 +9,11 @@ allocated per ``(b, head)`` row:
 - ``scores`` ``[b, kv_heads, capacity]`` float32: the policy's stored score of the pair;
 - ``alive`` ``[b, kv_heads, capacity]`` bool: whether the slot holds a pair (False: evicted, padding or a hole).
 
-New tokens take slots ``[n, n + t)`` of every row and new stored rows, so eviction only clears ``alive``
-(cheap, every step); :meth:`CompactLayer.compact` packs each row's live slots to the front (stable order,
+New tokens take slots ``[n, n + t)`` of every row and new stored rows, in slot-major order: the pair of
+slot ``s`` of row ``(b, head)`` goes to stored row ``offset + s * rows + b * kv_heads + head`` (``rows`` =
+``batch * kv_heads``), whatever the chunking of the appends. So the ``index`` and ``alive`` entries of slots
+not in use yet are filled when the slots are allocated, and an append writes only the pairs and their
+positions (decoding is a few small ops per layer). Eviction only clears ``alive`` (cheap, every step); :meth:`CompactLayer.compact` packs each row's live slots to the front (stable order,
 :func:`kvzap_lab.kernels.compact`), trims the slots to the longest row and rewrites ``keys``/``values`` with
 exactly the pairs kept. Heads of a layer keep different counts: the shorter rows carry padding slots, but a padding slot
 costs 21 bytes of bookkeeping, not a key and a value, so the bytes held follow the pairs kept.
@@ -72,6 +75,7 @@ class CompactLayer(CacheLayerMixin):
         self.alive: Tensor | None = None
         self.used = 0
         self.stored = 0
+        self.offset = 0  # stored row of slot s of row r (= b * kv_heads + head): offset + s * b * kv_heads + r
 
     @property
     def capacity(self) -> int:
@@ -102,20 +106,28 @@ class CompactLayer(CacheLayerMixin):
         b, h, t, d = key_states.shape
         start, end, rows = self.used, self.used + t, self.stored + b * h * t
         if end > self.capacity:
-            capacity = _round_up(max(end, start + max(_SLOT_QUANTUM, int(start * _GROWTH))))
-            self.index, self.positions, self.scores, self.alive = (
-                _grown(x, capacity, 2, start) for x in (self.index, self.positions, self.scores, self.alive)
-            )
+            self._grow(_round_up(max(end, start + max(_SLOT_QUANTUM, int(start * _GROWTH)))))
         if rows > self.keys.shape[0]:
             stored = max(rows, self.stored + max(b * h * _SLOT_QUANTUM, int(self.stored * _GROWTH)))
             self.keys, self.values = _grown(self.keys, stored, 0, self.stored), _grown(self.values, stored, 0, self.stored)
-        self.keys[self.stored : rows].view(b, h, t, d).copy_(key_states)
-        self.values[self.stored : rows].view(b, h, t, d).copy_(value_states)
-        self.index[:, :, start:end] = torch.arange(self.stored, rows, device=self.device).view(b, h, t)
+        self.keys[self.stored : rows].view(t, b, h, d).copy_(key_states.permute(2, 0, 1, 3))
+        self.values[self.stored : rows].view(t, b, h, d).copy_(value_states.permute(2, 0, 1, 3))
         self.positions[:, :, start:end] = positions[:, None, :]
-        self.alive[:, :, start:end] = True if valid is None else valid[:, None, :]
+        if valid is not None:
+            self.alive[:, :, start:end] = valid[:, None, :]
         self.used, self.stored = end, rows
         return self.gather(0, end)
+
+    def _grow(self, capacity: int) -> None:
+        """Allocate ``capacity`` slots per row, keeping the slots in use; the new slots get their future stored rows
+        (``index``) and ``alive`` True (an append then only clears the padding it brings)."""
+        n, (b, h) = self.used, self.index.shape[:2]
+        self.index, self.positions, self.scores, self.alive = (
+            _grown(x, capacity, 2, n) for x in (self.index, self.positions, self.scores, self.alive)
+        )
+        slots = torch.arange(n, capacity, device=self.device)
+        self.index[:, :, n:] = self.offset + slots * (b * h) + torch.arange(b * h, device=self.device).view(b, h, 1)
+        self.alive[:, :, n:] = True
 
     def gather(self, start: int, end: int) -> tuple[Tensor, Tensor]:
         """Keys and values of slots ``[start, end)``: ``[b, kv_heads, end - start, head_dim]`` each (a copy)."""
@@ -179,6 +191,7 @@ class CompactLayer(CacheLayerMixin):
         self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
         self.index = torch.zeros_like(self.alive, dtype=torch.int64)
         self.index[self.alive] = torch.arange(self.stored, device=self.device)
+        self.offset = self.stored - self.used * self.alive.shape[0] * self.alive.shape[1]
 
     def bytes_held(self) -> int:
         """Bytes of every tensor this layer holds (keys, values, slot index, positions, scores, flags; padding
@@ -291,7 +304,7 @@ class CompactCache(Cache):
         self.real_seen[row] = 0
         for layer in self.layers:
             if layer.is_initialized:
-                layer.alive[row] = False
+                layer.alive[row, :, : layer.used] = False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen

@@ -204,7 +204,8 @@ def _end_forward(run: EvictionRun) -> None:
                 _score_pending(run, idx)
             candidates = layer.evictable(last, rule.window, rule.sinks)
             keep = rule.keep(layer.scores[:, :, : layer.used], idx, candidates)
-            layer.drop(candidates & ~keep)
+            if keep is not candidates:  # a rule that keeps every candidate may return them as they are
+                layer.drop(candidates & ~keep)
         run._since_evict = 0
         if multi_token or run._since_compact >= run.compact_every:
             cache.compact()

@@ -90,6 +90,46 @@ def test_compaction_keeps_order_and_trims_storage_to_the_longest_row():
     assert layer.positions[1, 1, layer.used - 1].item() == 20
 
 
+def test_appends_of_any_chunking_gather_each_rows_pairs_in_order():
+    """Chunks of 3, 1, 1 (left padding in the first), a compaction, then 5 and 9 single tokens (the slots grow
+    twice): every row gathers exactly the pairs it was fed and kept, in order, with their positions."""
+    cache = CompactCache(n_layers=1)
+    layer = cache.layers[0]
+    fed = [[[] for _ in range(H)] for _ in range(B)]  # (key, position) per row
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+
+    def append(t, valid=None, seed=0):
+        keys = feed(cache, t, valid, seed)
+        for b in range(B):
+            for h in range(H):
+                for j in range(t):
+                    if valid is None or valid[b, j]:
+                        fed[b][h].append((keys[b, h, j], cache.step.positions[b, j].item()))
+        cache.end_step()
+
+    append(3, valid, seed=1)
+    append(1, seed=2)
+    append(1, seed=3)
+    evict = torch.zeros(B, H, layer.used, dtype=torch.bool)
+    evict[0, 1, 2], evict[1, 2, :2] = True, True
+    layer.drop(evict)
+    for b, h, slot in evict.nonzero().tolist():
+        position = layer.positions[b, h, slot].item()
+        fed[b][h] = [(k, p) for k, p in fed[b][h] if p != position]
+    cache.compact()
+    append(5, seed=4)
+    for i in range(9):
+        append(1, seed=5 + i)
+    keys, values = layer.gather(0, layer.used)
+    for b in range(B):
+        for h in range(H):
+            alive = layer.alive[b, h, : layer.used]
+            assert int(alive.sum()) == len(fed[b][h])
+            torch.testing.assert_close(keys[b, h][alive], torch.stack([k for k, _ in fed[b][h]]))
+            torch.testing.assert_close(values[b, h][alive], -torch.stack([k for k, _ in fed[b][h]]))
+            assert layer.positions[b, h, : layer.used][alive].tolist() == [p for _, p in fed[b][h]]
+
+
 def test_bytes_held_follow_the_pairs_kept():
     """Heads evict 50 %, 75 % and 95 % of their tokens as they stream in, compacting every 16 steps. Slots held
     beyond the longest row are bounded (evicted-but-not-compacted slots plus geometric headroom) and the short
