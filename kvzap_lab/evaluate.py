@@ -9,7 +9,7 @@ samples in batches (left padding, chunked prefill, eviction during prefill and d
 exact-match accuracy (:func:`kvzap_lab.tasks.score_answer`; token accuracy for ``copy``), the achieved
 compression (fraction of KV pairs evicted over prompt and generated tokens) and the bytes the compacted cache
 held relative to a full cache. Settings: ``tau`` for policies whose rule is a threshold (the oracle, the
-KVzap scorers), ``keep_ratio`` (a per-head :class:`~kvzap_lab.policy.TopK` budget of ``keep_ratio`` times
+KVzap scorers; with ``--tau-offsets=a,b,...`` layer l uses ``tau`` plus its offset, as the study's rule does), ``keep_ratio`` (a per-head :class:`~kvzap_lab.policy.TopK` budget of ``keep_ratio`` times
 the context length) for the training-free baselines, nothing for ``full`` (full cache). A policy is ``NAME`` or ``NAME@CHECKPOINT_DIR`` (a trained scorer).
 
 Results go to a JSON-lines file, rewritten atomically after every cell; a rerun skips the cells already there
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, generate
-from kvzap_lab.model import fingerprint, load_model
+from kvzap_lab.model import describe, fingerprint, load_model
 from kvzap_lab.oracle import score_contexts
 from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, Policy, Threshold, TopK, get_policy, resolve_policy
 
@@ -55,7 +55,12 @@ class Cell:
     context_tokens: int
 
     def label(self) -> str:
-        return self.policy + "".join(f" {k}={v:g}" for k, v in self.setting)
+        return self.policy + "".join(f" {k}={_format_setting(v)}" for k, v in self.setting)
+
+
+def _format_setting(value) -> str:
+    """``-1.75`` for a number, ``-2,-1.5,-2,-2`` for per-layer values."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ def build_policy(
         return None
     knob = dict(setting)
     if "tau" in knob:
-        rule = Threshold(tau=knob["tau"], window=window, sinks=sinks)
+        tau = [knob["tau"] + offset for offset in knob["tau_offsets"]] if "tau_offsets" in knob else knob["tau"]
+        rule = Threshold(tau=tau, window=window, sinks=sinks)
     else:
         rule = TopK(budget=math.ceil(knob["keep_ratio"] * context_tokens), window=window, sinks=sinks)
     return get_policy(name, rule=rule, checkpoint=checkpoint, model=model if checkpoint is not None else None)
@@ -247,15 +253,18 @@ def plot(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def cells_for(policies: list[tuple[str, Path | None]], taus, keep_ratios, task_names, lengths) -> list[tuple[Cell, Path | None]]:
-    """Every (cell, checkpoint) of the grid."""
+def cells_for(
+    policies: list[tuple[str, Path | None]], taus, keep_ratios, task_names, lengths, tau_offsets=None
+) -> list[tuple[Cell, Path | None]]:
+    """Every (cell, checkpoint) of the grid; ``tau_offsets`` (one per layer) go with every tau."""
     out = []
     for name, checkpoint in policies:
         label = name if checkpoint is None else f"{name}@{checkpoint}"
         if name == FULL:
             settings = [()]
         elif uses_threshold(name, checkpoint):
-            settings = [(("tau", float(t)),) for t in taus]
+            offsets = () if tau_offsets is None else (("tau_offsets", tuple(tau_offsets)),)
+            settings = [(("tau", float(t)), *offsets) for t in taus]
         else:
             settings = [(("keep_ratio", float(r)),) for r in keep_ratios]
         out += [(Cell(label, s, t, n), checkpoint) for s in settings for t in task_names for n in lengths]
@@ -308,6 +317,17 @@ def _finite(text: str) -> float:
     return value
 
 
+def _offsets(text: str) -> tuple[float, ...]:
+    """argparse type of ``--tau-offsets``: finite numbers, comma-separated, one per layer."""
+    try:
+        values = tuple(_finite(part) for part in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"tau offsets are finite numbers, one per layer, comma-separated (--tau-offsets=-0.5,0,0.5,0); got {text!r}")
+    return values
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -335,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="testbed", help="'testbed', a checkpoint directory or a hub name")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), help="NAME or NAME@CHECKPOINT_DIR ('full' = full cache)")
     parser.add_argument("--taus", nargs="+", type=_finite, default=list(DEFAULT_TAUS), help="thresholds for threshold policies")
+    parser.add_argument(
+        "--tau-offsets", type=_offsets, default=None,
+        help="per-layer offsets added to every tau, one per layer (--tau-offsets=-0.5,0,0.5,0: layer l uses tau + offset l)",
+    )
     parser.add_argument("--keep-ratios", nargs="+", type=_ratio, default=list(DEFAULT_KEEP_RATIOS), help="per-head budgets for the baselines")
     parser.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
     parser.add_argument("--context-tokens", nargs="+", type=positive_int, default=[512, 1024])
@@ -352,11 +376,14 @@ def main(argv: list[str] | None = None) -> int:
 
     policies = [parse_policy(p) for p in args.policies]
     model, tokenizer = load_model(args.model, device=args.device)
+    n_layers = describe(model).n_layers
+    if args.tau_offsets is not None and len(args.tau_offsets) != n_layers:
+        parser.error(f"--tau-offsets has {len(args.tau_offsets)} values; the model has {n_layers} layers (one offset per layer)")
     options = Options(
         model=fingerprint(model), n_samples=args.n_samples, seed=args.seed, window=args.window, sinks=args.sinks,
         chunk_size=args.chunk_size,
     )
-    grid = cells_for(policies, args.taus, args.keep_ratios, args.tasks, args.context_tokens)
+    grid = cells_for(policies, args.taus, args.keep_ratios, args.tasks, args.context_tokens, args.tau_offsets)
     records = evaluate(model, tokenizer, grid, options, args.out, args.batch_size, progress=not args.json)
     plot_path = args.plot or args.out.with_suffix(".png")
     plot(records, plot_path)

@@ -76,10 +76,35 @@ def test_cli_runs_the_grid_resumes_and_plots(model_dir, tmp_path, capsys, monkey
     assert quarter["setting"] == {"keep_ratio": 0.25} and quarter["compression"] > half + 0.1
 
 
+def test_per_layer_taus_threshold_each_layer_on_its_own(model_dir, tmp_path, capsys):
+    """The tiny model has 2 layers: keeping every pair in layer 0 and evicting every candidate in layer 1
+    lands halfway between keeping all and evicting all; a tau list of the wrong length is refused."""
+    path, _, _ = model_dir
+    out = tmp_path / "eval.jsonl"
+    argv = [
+        "--model", str(path), "--policies", "oracle", "--taus", "-50", "50", "--tasks", "single_needle",
+        "--context-tokens", "48", "--n-samples", "3", "--batch-size", "3", "--window", "4", "--sinks", "1",
+        "--chunk-size", "16", "--out", str(out), "--json",
+    ]
+    assert evaluate.main(argv) == 0
+    assert evaluate.main([*argv[:5], "0", "--tau-offsets=-50,50", *argv[7:]]) == 0
+    by = {json.dumps(r["setting"]): r["compression"] for r in evaluate.read_records(out)}
+    keep_all, evict_all = by['{"tau": -50.0}'], by['{"tau": 50.0}']
+    split = by['{"tau": 0.0, "tau_offsets": [-50.0, 50.0]}']
+    assert split == pytest.approx((keep_all + evict_all) / 2, abs=1e-9)
+    assert "oracle tau=0 tau_offsets=-50,50" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([*argv[:5], "0", "--tau-offsets=-1,-2,-3", *argv[7:]])
+    assert "--tau-offsets has 3 values; the model has 2 layers" in capsys.readouterr().err
+
+
 def test_bad_arguments_get_clear_errors(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--taus", "inf"])
     assert "finite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--tau-offsets=-2,x"])
+    assert "one per layer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["--keep-ratios", "1.5"])
     assert "[0, 1]" in capsys.readouterr().err
