@@ -12,16 +12,21 @@ import math
 import numpy as np
 
 from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, Threshold
-from kvzap_lab.studies.space import Choice, Float
+from kvzap_lab.studies.space import Float, Int
 
 PAPER_TAUS = {"llama": (-9.0, -8.0, -7.0, -6.0), "qwen2": (-6.0, -5.0, -4.0, -3.0), "qwen3": (-6.0, -5.0, -4.0, -3.0)}
-WINDOWS = (8, 16, 32, 64, 128)
-MAX_OFFSET = 1.5
+WINDOW_RANGE = (8, 128)  # searched on a log scale: an ordinal knob, so the sampler can learn its trend
+MAX_OFFSET = 0.75
 
 
 def paper_taus(model_type: str) -> tuple[float, ...]:
     """The paper's tau grid for a model family (Llama's for families the paper did not run)."""
     return PAPER_TAUS.get(model_type, PAPER_TAUS["llama"])
+
+
+def calibrated_taus(scores: np.ndarray, evicted: tuple[float, ...]) -> list[float]:
+    """The taus below which the given fractions of ``scores`` (training log-scores) lie, rounded to 0.05."""
+    return [round(float(np.quantile(np.asarray(scores, dtype=np.float64), q)) * 20) / 20 for q in evicted]
 
 
 def space(spec, scores: np.ndarray) -> dict:
@@ -32,7 +37,7 @@ def space(spec, scores: np.ndarray) -> dict:
     low, high = math.floor(min(low, min(grid)) * 2) / 2, math.ceil(max(high, max(grid)) * 2) / 2
     dims = {"tau": Float(low, high, default=grid[len(grid) // 2])}
     dims |= {f"tau_offset_{layer}": Float(-MAX_OFFSET, MAX_OFFSET, default=0.0) for layer in range(spec.n_layers)}
-    dims["window"] = Choice(WINDOWS, default=DEFAULT_WINDOW)
+    dims["window"] = Int(*WINDOW_RANGE, log=True, default=DEFAULT_WINDOW)
     return dims
 
 

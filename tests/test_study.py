@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
-from kvzap_lab import collect, study
+from kvzap_lab import collect, data, study
 from kvzap_lab.model import describe, fingerprint, random_tiny_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.studies import rule
@@ -128,6 +128,9 @@ def test_rule_space_follows_the_scores_and_builds_per_layer_taus(tiny):
     dims = rule.space(spec, scores)
     assert dims["tau"].low <= -9.0 and dims["tau"].high >= np.quantile(scores, 0.98)  # paper grid and data both covered
     assert [f"tau_offset_{i}" for i in range(spec.n_layers)] == [k for k in dims if k.startswith("tau_offset_")]
+    scores = np.random.default_rng(0).normal(-3.0, 1.0, size=(2000, 2, 2))
+    taus = rule.calibrated_taus(scores, (0.7, 0.8))
+    assert [np.mean(scores < t) for t in taus] == pytest.approx([0.7, 0.8], abs=0.02)
     values = {"tau": -5.0, "window": 16} | {f"tau_offset_{i}": 0.5 * i for i in range(spec.n_layers)}
     threshold = rule.build(values, spec.n_layers)
     assert threshold.tau == tuple(-5.0 + 0.5 * i for i in range(spec.n_layers)) and threshold.window == 16
@@ -203,10 +206,17 @@ def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_templ
     assert "Pareto front" in out and f"mlflow ui --backend-store-uri {tracking}" in out
 
     trials = trials_of(results, default_name(tiny))
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    # the last two queued start points wait for a later run (--n-trials counts finished trials)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5 + [TrialState.WAITING] * 2
+    trials = trials[:5]
     paper = [t for t in trials if t.user_attrs.get("baseline") == "paper"]
     assert sorted(t.params["tau"] for t in paper) == [-9.0, -8.0, -7.0, -6.0]  # the paper's Llama grid
     assert all(t.params["width"] == 64 // 8 and t.params["window"] == 32 for t in paper)
+    calibrated = trials[4]  # then the same configuration at taus on the model's own score scale
+    y_train = data.load_dataset(tiny[1]).y_train.numpy()
+    assert calibrated.user_attrs.get("baseline") == "calibrated"
+    assert calibrated.params["tau"] == rule.calibrated_taus(y_train, study.CALIBRATED_EVICTION[:1])[0]
+    assert calibrated.params["width"] == 64 // 8 and calibrated.params["tau_offset_0"] == 0.0
     assert all(0 <= t.values[0] <= 1 and 0 <= t.values[1] <= 1 for t in trials)
 
     parents, children = runs_of(tracking, default_name(tiny))
@@ -248,6 +258,7 @@ def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_templ
     capsys.readouterr()
     again = trials_of(results, default_name(tiny))
     assert len(again) == 7 and all(t.state == TrialState.COMPLETE for t in again)
+    assert [t.user_attrs.get("baseline") for t in again[4:]] == ["calibrated"] * 3  # the queued ones ran first
     assert [(t.params, t.values) for t in again[:5]] == [(t.params, t.values) for t in trials]
     assert full_cache_runs == []
     parents, children = runs_of(tracking, default_name(tiny))
