@@ -586,8 +586,9 @@ def make_objective(args, factory, space: SearchSpace, bench: Bench, full: dict, 
 
 def stale_trial_callback(uri: str):
     """Optuna's heartbeat callback for a trial whose worker died: end its MLflow run FAILED (found by its
-    ``optuna.trial`` tag, so a worker killed before it recorded the run id is covered too), and its invocation's
-    parent run once none of that invocation's trials is still running."""
+    ``optuna.trial`` tag, so a worker killed before it recorded the run id is covered too; also a run that had
+    already ended FINISHED when the worker died before Optuna recorded the result, so both agree), and its
+    invocation's parent run once none of that invocation's trials is still running."""
 
     def on_stale(study, trial) -> None:
         from mlflow.tracking import MlflowClient
@@ -596,7 +597,7 @@ def stale_trial_callback(uri: str):
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(study.study_name)
         found = [] if experiment is None else client.search_runs(
-            [experiment.experiment_id], f"tags.`optuna.trial` = '{trial.number}' and attributes.status = 'RUNNING'"
+            [experiment.experiment_id], f"tags.`optuna.trial` = '{trial.number}' and attributes.status != 'FAILED'"
         )
         parents = {trial.user_attrs.get("mlflow_parent_run_id")} | {r.data.tags.get("mlflow.parentRunId") for r in found}
         for run in found:

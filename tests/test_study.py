@@ -330,6 +330,25 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tiny, 
     assert len({r.data.tags["pid"] for r in children}) == 2  # both processes ran trials
 
 
+def test_stale_trial_fails_its_mlflow_run_even_if_the_run_had_ended(mlflow_template, tmp_path):
+    """A worker killed after ending a trial's MLflow run but before Optuna recorded the result: Optuna fails the
+    trial, so its FINISHED run is ended FAILED too; another trial's run is left alone."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("s")
+    runs = []
+    for number in (0, 1):
+        run = client.create_run(experiment, tags={"optuna.trial": str(number)})
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        runs.append(run.info.run_id)
+    st = optuna.create_study(study_name="s")
+    trial = st.ask()
+    study.stale_trial_callback(uri)(st, st.trials[trial.number])
+    assert client.get_run(runs[0]).info.status == "FAILED" and "worker died" in client.get_run(runs[0]).data.tags["error"]
+    assert client.get_run(runs[1]).info.status == "FINISHED"
+
+
 @pytest.mark.slow
 def test_kill_9_mid_trial_then_rerun_marks_it_failed_and_keeps_the_rest(tiny, mlflow_template, tmp_path, capsys):
     results = tmp_path / "results"
