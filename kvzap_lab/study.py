@@ -66,7 +66,7 @@ from kvzap_lab import tasks
 from kvzap_lab.evaluate import positive_int
 from kvzap_lab.policy import Policy, list_policies, resolve_policy
 from kvzap_lab.studies import rule as rule_space
-from kvzap_lab.studies.space import SpaceError, check_space, defaults, override, suggest
+from kvzap_lab.studies.space import SpaceError, check_space, contains, defaults, override, suggest
 from kvzap_lab.studies.space import describe as describe_space
 
 DEFAULT_RESULTS = Path("results")
@@ -456,9 +456,8 @@ def enqueue_baselines(study, space: SearchSpace, spec, scores: np.ndarray) -> No
     starting points on this model's own score scale (a new study only)."""
     for tau in rule_space.paper_taus(spec.model_type):
         study.enqueue_trial(space.baseline(tau), user_attrs={"baseline": "paper"})
-    tau_range = space.rule["tau"]
     for tau in rule_space.calibrated_taus(scores, CALIBRATED_EVICTION):
-        if tau_range.low <= tau <= tau_range.high:  # a --space override may exclude it
+        if contains(space.rule["tau"], tau):  # a --space override may exclude it
             study.enqueue_trial(space.baseline(tau), user_attrs={"baseline": "calibrated"})
 
 

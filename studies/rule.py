@@ -26,7 +26,7 @@ def paper_taus(model_type: str) -> tuple[float, ...]:
 
 def calibrated_taus(scores: np.ndarray, evicted: tuple[float, ...]) -> list[float]:
     """The taus below which the given fractions of ``scores`` (training log-scores) lie, rounded to 0.05."""
-    return [round(float(np.quantile(np.asarray(scores, dtype=np.float64), q)) * 20) / 20 for q in evicted]
+    return [round(float(q) * 20) / 20 for q in np.quantile(np.asarray(scores, dtype=np.float64), evicted)]
 
 
 def space(spec, scores: np.ndarray) -> dict:

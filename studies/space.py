@@ -75,6 +75,11 @@ def check_dim(name: str, dim: Dim) -> None:
         raise SpaceError(f"search dimension {name!r}: default {dim.default} is outside [{dim.low}, {dim.high}]")
 
 
+def contains(dim: Dim, value) -> bool:
+    """Whether ``dim`` can take ``value`` (one of its choices, or inside its range)."""
+    return value in dim.values if isinstance(dim, Choice) else dim.low <= value <= dim.high
+
+
 def check_space(space: dict[str, Dim]) -> dict[str, Dim]:
     """Check every dimension of ``space`` (see :func:`check_dim`); returns it."""
     if not space:

@@ -27,7 +27,7 @@ from kvzap_lab import collect, data, study
 from kvzap_lab.model import describe, fingerprint, random_tiny_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.studies import rule
-from kvzap_lab.studies.space import Choice, Float, Int, SpaceError, check_space, override, suggest
+from kvzap_lab.studies.space import Choice, Float, Int, SpaceError, check_space, contains, override, suggest
 from kvzap_lab.testbed import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +116,8 @@ def test_space_checks_overrides_and_sampling():
     changed = override(space, ["lr=1e-3:2e-3", "depth=2", "window=8,16"])
     assert changed["lr"] == Float(1e-3, 2e-3, log=True, default=None)  # the old default fell outside
     assert changed["depth"] == Choice((2,), default=None) and changed["window"] == Choice((8, 16))
+    assert contains(changed["lr"], 1.5e-3) and not contains(changed["lr"], 5e-3)
+    assert contains(changed["window"], 16) and not contains(changed["window"], 32)
     trials = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         values = suggest(trials.ask(), changed)
@@ -134,6 +136,22 @@ def test_rule_space_follows_the_scores_and_builds_per_layer_taus(tiny):
     values = {"tau": -5.0, "window": 16} | {f"tau_offset_{i}": 0.5 * i for i in range(spec.n_layers)}
     threshold = rule.build(values, spec.n_layers)
     assert threshold.tau == tuple(-5.0 + 0.5 * i for i in range(spec.n_layers)) and threshold.window == 16
+
+
+def test_calibrated_start_points_follow_the_scores_and_respect_a_fixed_tau(tiny):
+    spec = describe(tiny[2])
+    scores = np.random.default_rng(0).normal(-3.0, 1.0, size=(2000, spec.n_layers, spec.n_kv_heads))
+    rules = rule.space(spec, scores)
+    space = study.SearchSpace(scorer={"width": Int(4, 16, default=8)}, rule=rules, fixed={})
+    st = optuna.create_study()
+    study.enqueue_baselines(st, space, spec, scores)
+    queued = [(t.user_attrs["baseline"], t.system_attrs["fixed_params"]["tau"]) for t in st.get_trials(states=(TrialState.WAITING,))]
+    expected = rule.calibrated_taus(scores, study.CALIBRATED_EVICTION)
+    assert queued == [("paper", t) for t in rule.paper_taus(spec.model_type)] + [("calibrated", t) for t in expected]
+    fixed = study.SearchSpace(scorer=space.scorer, rule=override(rules, ["tau=-5"]), fixed={})  # a Choice now
+    st = optuna.create_study()
+    study.enqueue_baselines(st, fixed, spec, scores)
+    assert all(t.user_attrs["baseline"] == "paper" for t in st.get_trials(states=(TrialState.WAITING,)))
 
 
 def test_custom_policy_declares_its_space_next_to_its_class(tiny, tmp_path):
