@@ -7,13 +7,14 @@
 
 Each trial samples the scorer's space (``studies/<policy>.py``, or a ``search_space(spec)`` next to a custom
 scorer class) and the rule's space (``studies/rule.py``: tau, a tau offset per layer, window), fits the scorer
-on the oracle dataset (reused from ``results/data/<model>`` when there, else collected once, small), measures
-its held-out R², then greedily answers a fixed, seeded set of held-out task samples with the eviction engine and
-returns accuracy and compression (Pareto, both maximised) or one scalar ``reward``. The full-cache accuracy is
-measured once per study. The first trials of a new study are the paper's default configuration (MLP width
-hidden/8, AdamW 5e-3, 15 epochs, every tau of the paper's grid), so the study says how much it improves on it,
-then the same configuration with taus on the model's own score scale (those that would evict 70, 75 and 80 % of
-the training pairs), from which the sampler starts.
+with the study's seed on the oracle dataset (reused from ``results/data/<model>`` when there, else collected
+once; consecutive trials with the same scorer arguments share one fit), measures its held-out R², then greedily
+answers a fixed, seeded set of held-out task samples with the eviction engine and returns accuracy and
+compression (Pareto, both maximised) or one scalar ``reward``. The full-cache accuracy is measured once per
+study. The first trials of a new study are the paper's default configuration (MLP width hidden/8, AdamW 5e-3, 15
+epochs, every tau of the paper's grid), so the study says how much it improves on it, then the same configuration
+with taus on the model's own score scale (those that would evict 70, 75 and 80 % of the training pairs), from
+which the sampler starts.
 At the end the best point within 1 point of full-cache accuracy is re-fitted and re-checked on fresh samples
 (``--verify-samples``), which says how much picking the best of many trials on few samples flattered it.
 
@@ -42,6 +43,7 @@ import importlib
 import importlib.util
 import inspect
 import io
+import json
 import logging
 import math
 import os
@@ -54,7 +56,7 @@ import traceback
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -346,6 +348,19 @@ class Bench:
     dataset: object
     samples: dict
     end_id: int
+    fitted: dict = field(default_factory=dict)  # the last scorer fitted on ``dataset``, by its arguments
+
+    def fit(self, factory, arguments: dict):
+        """``factory(**arguments)`` fitted on the oracle dataset, or the same scorer again when the previous fit had
+        the same arguments (the start points differ only in the rule: they share one fit)."""
+        key = json.dumps(arguments, sort_keys=True, default=str)
+        if key not in self.fitted:
+            scorer = factory(**arguments)
+            extra = {"manifest": self.dataset.manifest} if "manifest" in inspect.signature(factory.fit).parameters else {}
+            scorer.fit(self.dataset.X_train.numpy(), self.dataset.y_train.numpy(), **extra)
+            self.fitted.clear()
+            self.fitted[key] = scorer
+        return self.fitted[key]
 
     def run(self, policy: Policy | None, task: str) -> dict:
         """Accuracy and compression of ``policy`` (``None``: full cache) on ``task``'s samples, one batch."""
@@ -499,19 +514,17 @@ def operating_point(per_task: dict, full_mean: float) -> dict:
             "compression_ratio": 1.0 / max(1.0 - compression, 1e-9)}
 
 
-def _trial_seed(factory, seed: int) -> dict:
-    """``{"seed": seed}`` if the scorer takes a seed, else nothing."""
-    return {"seed": seed} if "seed" in inspect.signature(factory).parameters else {}
+def scorer_arguments(factory, space: SearchSpace, params: dict, seed: int) -> dict:
+    """The scorer's constructor arguments for sampled ``params``: the fixed ones, the sampled scorer values, and
+    ``seed`` if the scorer takes one (the study's seed for every trial, so equal arguments mean an equal fit)."""
+    seeded = {"seed": seed} if "seed" in inspect.signature(factory).parameters else {}
+    return space.fixed | {k: params[k] for k in space.scorer} | seeded
 
 
-def fit_trial_policy(args, factory, space: SearchSpace, bench: Bench, params: dict, number: int):
-    """Trial ``number``'s scorer (``params``: its sampled scorer and rule values), fitted on the oracle dataset
-    (seeded by the trial number), and its :class:`Policy`: ``(scorer, policy)``. Deterministic, so a trial can
-    be rebuilt from its stored parameters."""
-    scorer = factory(**space.fixed | {k: params[k] for k in space.scorer} | _trial_seed(factory, args.seed + number))
-    data = bench.dataset
-    extra = {"manifest": data.manifest} if "manifest" in inspect.signature(factory.fit).parameters else {}
-    scorer.fit(data.X_train.numpy(), data.y_train.numpy(), **extra)
+def fit_trial_policy(args, factory, space: SearchSpace, bench: Bench, params: dict):
+    """A trial's scorer (``params``: its sampled scorer and rule values), fitted on the oracle dataset, and its
+    :class:`Policy`: ``(scorer, policy)``. Deterministic, so a trial can be rebuilt from its stored parameters."""
+    scorer = bench.fit(factory, scorer_arguments(factory, space, params, args.seed))
     rule = rule_space.build({k: params[k] for k in space.rule}, bench.spec.n_layers)
     return scorer, Policy(args.policy, scorer, rule)
 
@@ -529,13 +542,13 @@ def make_objective(args, factory, space: SearchSpace, bench: Bench, full: dict, 
         started = time.perf_counter()
         values = suggest(trial, space.scorer)
         rule_values = suggest(trial, space.rule)
-        params = space.fixed | values | _trial_seed(factory, args.seed + trial.number)
+        params = scorer_arguments(factory, space, values, args.seed)
         tags = {"optuna.trial": trial.number, "baseline": trial.user_attrs.get("baseline", "no"), "host": socket.gethostname(), "pid": os.getpid()}
         trial.set_user_attr("mlflow_parent_run_id", parent)
         run_id = tracker.start(f"trial-{trial.number}", params | rule_values, tags, parent=parent)
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
-            scorer, policy = fit_trial_policy(args, factory, space, bench, values | rule_values, trial.number)
+            scorer, policy = fit_trial_policy(args, factory, space, bench, values | rule_values)
             fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy())
             train_seconds = time.perf_counter() - started
             per_task = {}
@@ -733,7 +746,7 @@ def verify_best(args, factory, space: SearchSpace, bench: Bench, study, summary:
         if full is None:
             full = {t: fresh.run(None, t)["accuracy"] for t in tqdm(args.tasks, desc="verify: full cache")}
             study.set_user_attr(full_key, full)
-        _, policy = fit_trial_policy(args, factory, space, fresh, row["params"], row["trial"])
+        _, policy = fit_trial_policy(args, factory, space, fresh, row["params"])
         per_task = {t: fresh.run(policy, t) for t in tqdm(args.tasks, desc=f"verify: trial {row['trial']}")}
         full_mean = float(np.mean(list(full.values())))
         point = operating_point(per_task, full_mean)

@@ -218,8 +218,11 @@ def test_bad_policy_and_unreachable_services_fail_fast(tiny, tmp_path, capsys):
 
 def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_template, tmp_path, capsys, monkeypatch):
     results = tmp_path / "results"
+    fits, real_fit = [], KVzapMLP.fit
+    monkeypatch.setattr(KVzapMLP, "fit", lambda self, X, y, **kw: fits.append(self.get_params()) or real_fit(self, X, y, **kw))
     assert study.main(args_for(tiny, results, "--n-trials", "5", template=mlflow_template)) == 0
     out = capsys.readouterr().out
+    assert len(fits) == 1  # the start points differ only in the rule: one fit serves them and the verification
     tracking = f"sqlite:///{results / 'mlflow.db'}"
     assert "Pareto front" in out and f"mlflow ui --backend-store-uri {tracking}" in out
 
@@ -274,6 +277,7 @@ def test_study_logs_trials_resumes_and_refuses_other_settings(tiny, mlflow_templ
     monkeypatch.setattr(study.Bench, "run", lambda self, policy, task: (policy is None and full_cache_runs.append(task)) or real_run(self, policy, task))
     assert study.main(args_for(tiny, results, "--n-trials", "7")) == 0
     capsys.readouterr()
+    assert fits == [fits[0]] * 2  # a new process fits once more, with the same arguments (the study's seed)
     again = trials_of(results, default_name(tiny))
     assert len(again) == 7 and all(t.state == TrialState.COMPLETE for t in again)
     assert [t.user_attrs.get("baseline") for t in again[4:]] == ["calibrated"] * 3  # the queued ones ran first
@@ -296,9 +300,11 @@ def test_failed_and_pruned_trials_end_failed_and_killed(tiny, mlflow_template, t
     """Reward objective (single, prunable): trial 0 is pruned after its first task, trial 1's fit raises."""
     results = tmp_path / "results"
     real_fit = KVzapMLP.fit
+    fits = []
 
     def fit(self, X, y, **kwargs):
-        if self.seed == 1:  # seed = --seed + trial number
+        fits.append(self.get_params())
+        if len(fits) == 2:  # trial 1's scorer
             raise FloatingPointError("loss diverged")
         return real_fit(self, X, y, **kwargs)
 
