@@ -110,11 +110,12 @@ class CompactLayer(CacheLayerMixin):
         if rows > self.keys.shape[0]:
             stored = max(rows, self.stored + max(b * h * _SLOT_QUANTUM, int(self.stored * _GROWTH)))
             self.keys, self.values = _grown(self.keys, stored, 0, self.stored), _grown(self.values, stored, 0, self.stored)
-        self.keys[self.stored : rows].view(t, b, h, d).copy_(key_states.permute(2, 0, 1, 3))
-        self.values[self.stored : rows].view(t, b, h, d).copy_(value_states.permute(2, 0, 1, 3))
-        self.positions[:, :, start:end] = positions[:, None, :]
+        # narrow + copy_: a decode step is a few tiny writes, and Python slicing costs more than the copy
+        self.keys.narrow(0, self.stored, rows - self.stored).view(t, b, h, d).copy_(key_states.permute(2, 0, 1, 3))
+        self.values.narrow(0, self.stored, rows - self.stored).view(t, b, h, d).copy_(value_states.permute(2, 0, 1, 3))
+        self.positions.narrow(2, start, t).copy_(positions.unsqueeze(1))
         if valid is not None:
-            self.alive[:, :, start:end] = valid[:, None, :]
+            self.alive.narrow(2, start, t).copy_(valid.unsqueeze(1))
         self.used, self.stored = end, rows
         return self.gather(0, end)
 
