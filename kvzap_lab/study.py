@@ -56,7 +56,7 @@ import traceback
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -348,19 +348,18 @@ class Bench:
     dataset: object
     samples: dict
     end_id: int
-    fitted: dict = field(default_factory=dict)  # the last scorer fitted on ``dataset``, by its arguments
+    last_fit: tuple = (None, None)  # (arguments as JSON, scorer) of the last scorer fitted on ``dataset``
 
     def fit(self, factory, arguments: dict):
         """``factory(**arguments)`` fitted on the oracle dataset, or the same scorer again when the previous fit had
         the same arguments (the start points differ only in the rule: they share one fit)."""
         key = json.dumps(arguments, sort_keys=True, default=str)
-        if key not in self.fitted:
+        if self.last_fit[0] != key:
             scorer = factory(**arguments)
             extra = {"manifest": self.dataset.manifest} if "manifest" in inspect.signature(factory.fit).parameters else {}
             scorer.fit(self.dataset.X_train.numpy(), self.dataset.y_train.numpy(), **extra)
-            self.fitted.clear()
-            self.fitted[key] = scorer
-        return self.fitted[key]
+            self.last_fit = (key, scorer)
+        return self.last_fit[1]
 
     def run(self, policy: Policy | None, task: str) -> dict:
         """Accuracy and compression of ``policy`` (``None``: full cache) on ``task``'s samples, one batch."""
