@@ -1,6 +1,7 @@
 """Decode-time overhead of the KVzap-MLP policy, and its FLOPs relative to the model's linear projections.
 
-    python benchmarks/overhead.py [--checkpoint DIR] [--prompt-tokens 1024] [--decode 128] [--repeats 5] [--json]
+    python benchmarks/overhead.py [--checkpoint DIR] [--prompt-tokens 1024] [--decode 128] [--repeats 5]
+                                  [--evict-every 8] [--compact-every 32] [--json]
 
 One process, one prompt, the same decode tokens (teacher-forced, so every mode does identical work), three
 modes, each on its own copy of the model, decoded side by side step by step (each decode step of one mode is
@@ -31,7 +32,7 @@ import time
 import torch
 
 from kvzap_lab import tasks
-from kvzap_lab.engine import DEFAULT_CHUNK, evicting
+from kvzap_lab.engine import DEFAULT_CHUNK, DEFAULT_COMPACT_EVERY, DEFAULT_EVICT_EVERY, evicting
 from kvzap_lab.model import load_model
 from kvzap_lab.oracle import score_contexts
 from kvzap_lab.policy import Policy, calibrate, get_policy
@@ -52,10 +53,11 @@ def fitted_mlp(model, tokenizer, n_contexts: int, context_tokens: int, compressi
     return scorer, calibrate(scorer.predict(X), compression)
 
 
-def decode_steps(model, prompt: torch.Tensor, tokens: torch.Tensor, policy: Policy | None, engine: bool):
+def decode_steps(model, prompt: torch.Tensor, tokens: torch.Tensor, policy: Policy | None, engine: bool, **schedule):
     """A generator: prefills ``prompt`` (first ``next``), then runs one teacher-forced decode step per ``next``;
-    finally yields the compression at the end (0 without the engine)."""
-    with (evicting(model, policy) if engine else contextlib.nullcontext()) as run:
+    finally yields the compression at the end (0 without the engine). ``schedule``: ``evict_every`` and
+    ``compact_every`` for :func:`~kvzap_lab.engine.evicting`."""
+    with (evicting(model, policy, **schedule) if engine else contextlib.nullcontext()) as run:
         cache = run.new_cache() if engine else None
         for start in range(0, prompt.shape[1], DEFAULT_CHUNK):
             cache = model(input_ids=prompt[:, start : start + DEFAULT_CHUNK], cache=cache, logits_to_keep=1).cache
@@ -66,10 +68,10 @@ def decode_steps(model, prompt: torch.Tensor, tokens: torch.Tensor, policy: Poli
         yield cache.compression().overall if engine else 0.0
 
 
-def side_by_side(models: dict, prompt: torch.Tensor, tokens: torch.Tensor, modes: dict) -> dict:
+def side_by_side(models: dict, prompt: torch.Tensor, tokens: torch.Tensor, modes: dict, **schedule) -> dict:
     """Decode ``tokens`` in every mode, interleaved step by step (rotating order). Returns, per mode, CPU and
     wall seconds per decoded token and the final compression."""
-    runs = {m: decode_steps(models[m], prompt, tokens, *modes[m]) for m in modes}
+    runs = {m: decode_steps(models[m], prompt, tokens, *modes[m], **schedule) for m in modes}
     for run in runs.values():
         next(run)  # prefill, untimed
     cpu, wall = dict.fromkeys(modes, 0.0), dict.fromkeys(modes, 0.0)
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--evict-every", type=int, default=DEFAULT_EVICT_EVERY, help="engine: decode steps between evictions")
+    parser.add_argument("--compact-every", type=int, default=DEFAULT_COMPACT_EVERY, help="engine: decode steps between compactions")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
@@ -119,11 +123,12 @@ def main(argv=None) -> int:
     tokens = torch.randint(10, model.config.vocab_size, (1, args.decode), generator=gen)
     modes = {"hf": (None, False), "engine_full": (None, True), "mlp": (policy, True)}
     models = {m: copy.deepcopy(model) for m in modes}  # each mode's hooks stay on its own copy
-    side_by_side(models, prompt, tokens[:, :8], modes)  # warm-up
+    schedule = {"evict_every": args.evict_every, "compact_every": args.compact_every}
+    side_by_side(models, prompt, tokens[:, :8], modes, **schedule)  # warm-up
     times = {m: [] for m in modes}
     walls = {m: [] for m in modes}
     for _ in range(args.repeats):
-        measured = side_by_side(models, prompt, tokens, modes)
+        measured = side_by_side(models, prompt, tokens, modes, **schedule)
         for m, (cpu, wall, _) in measured.items():
             times[m].append(cpu)
             walls[m].append(wall)
@@ -142,6 +147,8 @@ def main(argv=None) -> int:
         "decode_tokens": args.decode,
         "repeats": args.repeats,
         "threads": args.threads,
+        "evict_every": args.evict_every,
+        "compact_every": args.compact_every,
         "cpu_ms_per_token": {m: round(v, 3) for m, v in ms.items()},
         "wall_ms_per_token": {m: round(v, 3) for m, v in wall_ms.items()},
         "wall_mlp_over_hf": round(ratio("mlp", "hf", walls)[0], 3),

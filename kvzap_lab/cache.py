@@ -13,10 +13,12 @@ New tokens take slots ``[n, n + t)`` of every row and new stored rows, in slot-m
 slot ``s`` of row ``(b, head)`` goes to stored row ``offset + s * rows + b * kv_heads + head`` (``rows`` =
 ``batch * kv_heads``), whatever the chunking of the appends. So the ``index`` and ``alive`` entries of slots
 not in use yet are filled when the slots are allocated, and an append writes only the pairs and their
-positions (decoding is a few small ops per layer). Eviction only clears ``alive`` (cheap, every step); :meth:`CompactLayer.compact` packs each row's live slots to the front (stable order,
+positions (decoding is a few small ops per layer). Eviction only clears ``alive`` (cheap, every step);
+:meth:`CompactLayer.compact` packs each row's live slots to the front (stable order,
 :func:`kvzap_lab.kernels.compact`), trims the slots to the longest row and rewrites ``keys``/``values`` with
-exactly the pairs kept. Heads of a layer keep different counts: the shorter rows carry padding slots, but a padding slot
-costs 21 bytes of bookkeeping, not a key and a value, so the bytes held follow the pairs kept.
+exactly the pairs kept, plus room for a given number of future tokens (the engine asks for the decode steps
+until its next compaction). Heads of a layer keep different counts: the shorter rows carry padding slots, but a
+padding slot costs 21 bytes of bookkeeping, not a key and a value, so the bytes held follow the pairs kept.
 
 :class:`CompactCache` is a transformers ``Cache`` over these layers. ``get_seq_length`` reports the TRUE
 sequence length (every token fed, padding included), so transformers' default position ids stay right; the
@@ -39,6 +41,9 @@ from kvzap_lab.kernels import compact
 _SLOT_QUANTUM = 8
 # A growing layer gets this fraction of its live slots (and stored pairs) as headroom (geometric growth).
 _GROWTH = 1 / 16
+# A compaction leaves room for at most this fraction of the slots it keeps (at least one quantum), so that the
+# room asked for stays a bounded part of the bytes held, also for short sequences.
+_HEADROOM = 1 / 8
 
 
 def _round_up(n: int) -> int:
@@ -51,6 +56,13 @@ def _grown(t: Tensor, capacity: int, dim: int, n: int) -> Tensor:
     shape[dim] = capacity
     out = t.new_empty(shape)
     out.narrow(dim, 0, n).copy_(t.narrow(dim, 0, n))
+    return out
+
+
+def _kept_rows(t: Tensor, rows: Tensor, room: int) -> Tensor:
+    """A new ``[room, d]`` tensor whose first ``len(rows)`` rows are ``t[rows]`` (the rest uninitialised)."""
+    out = t.new_empty(room, t.shape[1])
+    torch.index_select(t, 0, rows, out=out.narrow(0, 0, len(rows)))
     return out
 
 
@@ -111,8 +123,12 @@ class CompactLayer(CacheLayerMixin):
             stored = max(rows, self.stored + max(b * h * _SLOT_QUANTUM, int(self.stored * _GROWTH)))
             self.keys, self.values = _grown(self.keys, stored, 0, self.stored), _grown(self.values, stored, 0, self.stored)
         # narrow + copy_: a decode step is a few tiny writes, and Python slicing costs more than the copy
-        self.keys.narrow(0, self.stored, rows - self.stored).view(t, b, h, d).copy_(key_states.permute(2, 0, 1, 3))
-        self.values.narrow(0, self.stored, rows - self.stored).view(t, b, h, d).copy_(value_states.permute(2, 0, 1, 3))
+        if t == 1:  # slot-major rows [t, b, h, d] are [b, h, 1, d] as well: no permute
+            self.keys.narrow(0, self.stored, rows - self.stored).view(b, h, 1, d).copy_(key_states)
+            self.values.narrow(0, self.stored, rows - self.stored).view(b, h, 1, d).copy_(value_states)
+        else:
+            self.keys.narrow(0, self.stored, rows - self.stored).view(t, b, h, d).copy_(key_states.permute(2, 0, 1, 3))
+            self.values.narrow(0, self.stored, rows - self.stored).view(t, b, h, d).copy_(value_states.permute(2, 0, 1, 3))
         self.positions.narrow(2, start, t).copy_(positions.unsqueeze(1))
         if valid is not None:
             self.alive.narrow(2, start, t).copy_(valid.unsqueeze(1))
@@ -174,9 +190,11 @@ class CompactLayer(CacheLayerMixin):
         """Pairs held per row: long ``[b, kv_heads]``."""
         return self.alive[:, :, : self.used].sum(-1)
 
-    def compact(self) -> None:
+    def compact(self, headroom: int = 0) -> None:
         """Free the evicted pairs: pack every row's live slots to the front (order kept), trim the slots to the
-        longest row, and rewrite ``keys``/``values`` with exactly the pairs kept."""
+        longest row, and rewrite ``keys``/``values`` with exactly the pairs kept, plus room for ``headroom`` more
+        tokens per row (so that the appends until the next compaction need no growth), capped at 1/8 of the slots
+        kept (at least 8)."""
         if not self.is_initialized:
             return
         n = self.used
@@ -188,11 +206,15 @@ class CompactLayer(CacheLayerMixin):
         self.alive = torch.arange(self.used, device=self.device) < lengths[..., None]
         rows = slot_index[..., 0].long()[self.alive]  # kept pairs in (b, head, slot) order
         self.stored = len(rows)
-        rows = rows if self.stored else rows.new_zeros(1)  # keep one row so that padding slots index something
-        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        b, h = self.alive.shape[:2]
+        headroom = min(headroom, max(_SLOT_QUANTUM, int(self.used * _HEADROOM)))
+        room = max(self.stored + headroom * b * h, 1)  # at least one row, so that padding slots index something
+        self.keys, self.values = (_kept_rows(x, rows, room) for x in (self.keys, self.values))
         self.index = torch.zeros_like(self.alive, dtype=torch.int64)
         self.index[self.alive] = torch.arange(self.stored, device=self.device)
-        self.offset = self.stored - self.used * self.alive.shape[0] * self.alive.shape[1]
+        self.offset = self.stored - self.used * b * h
+        if headroom:
+            self._grow(_round_up(self.used + headroom))
 
     def bytes_held(self) -> int:
         """Bytes of every tensor this layer holds (keys, values, slot index, positions, scores, flags; padding
@@ -316,10 +338,10 @@ class CompactCache(Cache):
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def compact(self) -> None:
-        """Compact every layer (see :meth:`CompactLayer.compact`)."""
+    def compact(self, headroom: int = 0) -> None:
+        """Compact every layer, leaving room for ``headroom`` more tokens (see :meth:`CompactLayer.compact`)."""
         for layer in self.layers:
-            layer.compact()
+            layer.compact(headroom)
 
     def bytes_held(self) -> int:
         """Bytes held by all layers (pairs kept, their positions, scores and flags, and padding slots)."""

@@ -16,8 +16,11 @@ loop with chunked prefill built on it. Semantics are DMS/KVzap's:
 - evicted pairs leave the attention at once (masked) and the storage at the next compaction (after every
   multi-token forward and every ``compact_every`` decode steps), which keeps the per-step work small.
 
-KVzap linear and MLP scorers run through the fused scoring kernel (:func:`kvzap_lab.kernels.score_and_threshold`,
-Triton on CUDA, torch elsewhere); compaction through :func:`kvzap_lab.kernels.compact`.
+KVzap linear and MLP scorers run through the fused scoring kernel (:func:`kvzap_lab.kernels.score_and_threshold`)
+when Triton runs (CUDA), one call per layer; elsewhere the buffered tokens of all layers are scored at once by
+one stacked matmul per map (:func:`stacked_weights`: on CPU at decode sizes, dispatch costs more than
+arithmetic). Compaction runs through :func:`kvzap_lab.kernels.compact` and leaves room for the ``compact_every``
+tokens that arrive before the next one, so decode appends do not grow the storage.
 
 Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
 layer's sliding window, if any). New tokens get their true positions: each row counts its real tokens, so left
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
 from kvzap_lab.cache import CompactCache, Compression
-from kvzap_lab.kernels import ScorerWeights, score_and_threshold
+from kvzap_lab.kernels import ScorerWeights, score_and_threshold, uses_triton
 from kvzap_lab.model import UnsupportedModelError, attention_override, capture_attention_inputs, describe
 from kvzap_lab.policy import Policy
 
@@ -75,6 +78,18 @@ def fused_weights(model: nn.Module, policy: Policy | None) -> list[ScorerWeights
     return [ScorerWeights.from_stacked(stacked, i).to(param.device, torch.float32) for i in range(n_layers)]
 
 
+def stacked_weights(fused: list[ScorerWeights] | None) -> tuple[Tensor, ...] | None:
+    """The per-layer scorer weights stacked for one batched matmul over all layers: ``(w1 [L, D, M], b1 [L, 1, M])``
+    (+ ``(w2 [L, M, H], b2 [L, 1, H])`` for an MLP). ``None`` when there are none, or when they go to the Triton
+    kernel (at decode sizes on CPU, one call per layer costs more in dispatch than in arithmetic)."""
+    if fused is None or uses_triton(fused[0].w1):
+        return None
+    stacked = (torch.stack([w.w1 for w in fused]), torch.stack([w.b1 for w in fused])[:, None])
+    if fused[0].is_mlp:
+        stacked += (torch.stack([w.w2 for w in fused]), torch.stack([w.b2 for w in fused])[:, None])
+    return stacked
+
+
 @dataclass
 class EvictionRun:
     """What ``with evicting(model, policy) as run`` yields: ``run.cache`` is the cache of the latest forward."""
@@ -86,6 +101,8 @@ class EvictionRun:
     cache: CompactCache | None = None
     # per-layer weights of a KVzap linear/MLP scorer, scored by the fused kernel (Triton on CUDA) instead of score()
     fused: list[ScorerWeights] | None = None
+    # the same weights stacked over layers, when they run on the torch path (see :func:`stacked_weights`)
+    stacked: tuple[Tensor, ...] | None = None
     # hidden states [b, t, hidden] of the tokens not scored yet, per layer (scored at the next eviction)
     _pending: dict[int, list[Tensor]] = field(default_factory=dict, repr=False)
     _since_evict: int = field(default=0, repr=False)
@@ -157,6 +174,20 @@ def _score_pending(run: EvictionRun, idx: int) -> None:
     layer.scores[:, :, n - t : n] = new
 
 
+def _score_all_pending(run: EvictionRun) -> None:
+    """Score the buffered new tokens of every layer with the stacked KVzap weights: one batched matmul per map."""
+    layers = run.cache.layers
+    hidden = torch.cat([h for idx in range(len(layers)) for h in run._pending.pop(idx)], 1)  # [b, layers * t, D]
+    b, t = hidden.shape[0], hidden.shape[1] // len(layers)
+    x = hidden.float().view(b, len(layers), t, -1).transpose(0, 1).reshape(len(layers), b * t, -1)
+    w1, b1, *second = run.stacked
+    out = torch.baddbmm(b1, x, w1)  # [layers, b * t, M or H]
+    if second:
+        out = torch.baddbmm(second[1], F.gelu(out), second[0])
+    for layer, new in zip(layers, out.view(len(layers), b, t, -1).transpose(2, 3)):  # new [b, kv_heads, t]
+        layer.scores[:, :, layer.used - t : layer.used] = new
+
+
 def _attend(run: EvictionRun, hidden: dict[int, Tensor]):
     """The attention override: exact attention over the compacted cache; buffers the new tokens for scoring."""
     scorer = None if run.policy is None else run.policy.scorer
@@ -199,6 +230,8 @@ def _end_forward(run: EvictionRun) -> None:
     if policy is not None and (multi_token or run._since_evict >= run.evict_every):
         rule = policy.rule
         last = step.positions[:, -1]
+        if run.stacked is not None and run._pending:
+            _score_all_pending(run)
         for idx, layer in enumerate(cache.layers):
             if idx in run._pending:
                 _score_pending(run, idx)
@@ -208,7 +241,7 @@ def _end_forward(run: EvictionRun) -> None:
                 layer.drop(candidates & ~keep)
         run._since_evict = 0
         if multi_token or run._since_compact >= run.compact_every:
-            cache.compact()
+            cache.compact(headroom=run.compact_every)  # the decode steps until the next compaction need no growth
             run._since_compact = 0
     cache.end_step()
 
@@ -225,7 +258,8 @@ def evicting(
 
     Decode steps are scored and offered to the rule every ``evict_every`` steps (1: at every step, DMS exactly;
     more: a pair that left the window waits up to ``evict_every - 1`` steps, which saves per-step work); the
-    storage is compacted every ``compact_every`` steps and after every multi-token forward.
+    storage is compacted every ``compact_every`` steps and after every multi-token forward, leaving room for the
+    ``compact_every`` tokens that come before the next compaction.
 
     Forward calls get a :class:`CompactCache` (a new one when they pass none or an empty one); a 2-D
     ``attention_mask`` must cover past and new tokens, left padding marked 0. Yields an :class:`EvictionRun`
@@ -238,6 +272,7 @@ def evicting(
             raise ValueError(f"{name} must be an int >= 1 (decode steps); got {value!r}")
     run = EvictionRun(model=model, policy=policy, evict_every=evict_every, compact_every=compact_every)
     run.fused = fused_weights(model, policy)
+    run.stacked = stacked_weights(run.fused)
     decoder = model.model
     with contextlib.ExitStack() as stack:
         hidden = stack.enter_context(capture_attention_inputs(model)) if policy is not None else {}

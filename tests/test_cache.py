@@ -90,9 +90,12 @@ def test_compaction_keeps_order_and_trims_storage_to_the_longest_row():
     assert layer.positions[1, 1, layer.used - 1].item() == 20
 
 
-def test_appends_of_any_chunking_gather_each_rows_pairs_in_order():
-    """Chunks of 3, 1, 1 (left padding in the first), a compaction, then 5 and 9 single tokens (the slots grow
-    twice): every row gathers exactly the pairs it was fed and kept, in order, with their positions."""
+@pytest.mark.parametrize("headroom", [0, 8, 64])
+def test_appends_of_any_chunking_gather_each_rows_pairs_in_order(headroom):
+    """Chunks of 3, 1, 1 (left padding in the first), a compaction, then 5 and 9 single tokens: every row gathers
+    exactly the pairs it was fed and kept, in order, with their positions. Without headroom the slots grow at the
+    first append after the compaction; with room for 8 tokens (asked for, or 64 capped at one quantum since
+    few slots are kept) the first 8 tokens fit, and the storage grows later."""
     cache = CompactCache(n_layers=1)
     layer = cache.layers[0]
     fed = [[[] for _ in range(H)] for _ in range(B)]  # (key, position) per row
@@ -116,10 +119,16 @@ def test_appends_of_any_chunking_gather_each_rows_pairs_in_order():
     for b, h, slot in evict.nonzero().tolist():
         position = layer.positions[b, h, slot].item()
         fed[b][h] = [(k, p) for k, p in fed[b][h] if p != position]
-    cache.compact()
+    cache.compact(headroom)
+    assert layer.keys.shape[0] == layer.stored + min(headroom, 8) * B * H  # 5 slots kept: the room is capped at 8
+    storage = (layer.keys, layer.values, layer.index, layer.positions, layer.scores, layer.alive)
     append(5, seed=4)
     for i in range(9):
         append(1, seed=5 + i)
+        if i == 2:  # 8 tokens since the compaction
+            grown = [a is not b for a, b in zip(storage, (layer.keys, layer.values, layer.index, layer.positions, layer.scores, layer.alive))]
+            assert grown == [headroom == 0] * 6
+    assert layer.capacity >= layer.used == 5 + 14  # the longest rows kept all of their 5 slots
     keys, values = layer.gather(0, layer.used)
     for b in range(B):
         for h in range(H):

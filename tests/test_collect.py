@@ -202,7 +202,10 @@ def test_collection_survives_kill_9_and_resumes_to_the_same_data(checkpoint, tmp
     manifest = data.read_manifest(killed)
     assert not manifest["complete"], "the collection finished before it could be killed; make it longer"
     listed = {e["file"] for e in manifest["shards"]}
-    assert {p.name for p in killed.glob("*.safetensors")} == listed  # a half-written shard is never visible
+    # A half-written shard is never visible (it is a temporary until complete); a kill between a shard's move into
+    # place and the manifest's rewrite leaves that one complete shard unlisted, and the resume writes it again.
+    present = {p.name for p in killed.glob("*.safetensors")}
+    assert listed <= present and len(present - listed) <= 1
     partial = load_dataset(killed, allow_partial=True)  # every listed shard verifies
     assert len(partial.y_train) + len(partial.y_test) == 16 * len(listed)
 

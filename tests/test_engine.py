@@ -258,27 +258,59 @@ def test_full_cache_engine_matches_plain_forward_for_every_architecture(model_ty
     torch.testing.assert_close(torch.cat(got, 1), reference, atol=1e-5, rtol=0)
 
 
-def test_kvzap_scorers_run_through_the_fused_kernel_with_the_same_decisions():
-    from kvzap_lab.engine import fused_weights
+@dataclass
+class PlainScorer:
+    """A KVzap scorer seen only through ``score()``: the engine cannot fuse it."""
+
+    inner: object
+    accumulates_attention = False
+
+    def score(self, hidden, layer, **kwargs):
+        return self.inner.score(hidden, layer, **kwargs)
+
+
+def fused_and_plain_policies(model, seed=0):
     from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 
-    model = random_tiny_model("llama", seed=9)
-    gen = torch.Generator().manual_seed(0)
-    mlp = KVzapMLP(epochs=1).fit(torch.randn(256, 2, 64, generator=gen).numpy(), torch.randn(256, 2, 2, generator=gen).numpy())
-
-    @dataclass
-    class Plain:  # the same scorer seen only through score(): no fused kernel
-        inner: KVzapMLP
-        accumulates_attention = False
-
-        def score(self, hidden, layer, **kwargs):
-            return self.inner.score(hidden, layer, **kwargs)
-
+    spec, gen = describe(model), torch.Generator().manual_seed(seed)
+    X = torch.randn(256, spec.n_layers, spec.hidden_size, generator=gen)
+    mlp = KVzapMLP(epochs=1).fit(X.numpy(), torch.randn(256, spec.n_layers, spec.n_kv_heads, generator=gen).numpy())
     rule = Threshold(tau=0.0, window=4, sinks=1)
-    fused, plain = Policy("mlp", mlp, rule), Policy("plain", Plain(mlp), rule)
+    return Policy("mlp", mlp, rule), Policy("plain", PlainScorer(mlp), rule)
+
+
+def test_kvzap_scorers_run_through_the_fused_kernel_with_the_same_decisions():
+    from kvzap_lab.engine import fused_weights
+
+    model = random_tiny_model("llama", seed=9)
+    fused, plain = fused_and_plain_policies(model)
     assert len(fused_weights(model, fused)) == 2 and fused_weights(model, plain) is None
+    gen = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (40, 29)]
     a = generate(model, rows, fused, 20, eos_token_id=[], chunk_size=16)
     b = generate(model, rows, plain, 20, eos_token_id=[], chunk_size=16)
     assert a.tokens == b.tokens
     assert a.compression.overall == b.compression.overall > 0.1
+
+
+def test_on_cpu_one_batched_matmul_scores_every_layer_as_the_per_layer_scorer_does():
+    """Without Triton, the fused scorers of all layers run as one stacked matmul per map at each eviction point;
+    the scores stored with the pairs are the scorer's own, in prefill chunks and in batches of decode steps."""
+    from kvzap_lab.kernels import INTERPRETED
+
+    model = random_tiny_model("llama", seed=9, num_hidden_layers=3)
+    ids = torch.randint(3, 128, (2, 60), generator=torch.Generator().manual_seed(2))
+    caches = {}
+    for policy in fused_and_plain_policies(model, seed=3):
+        with torch.no_grad(), evicting(model, policy, evict_every=4) as run:
+            assert (run.stacked is not None) == (policy.name == "mlp" and not INTERPRETED)
+            cache = run.new_cache()
+            for start in range(0, 48, 16):
+                model(ids[:, start : start + 16], cache=cache)
+            for t in range(48, 60):
+                model(ids[:, t : t + 1], cache=cache)
+        caches[policy.name] = cache
+    for fused, plain in zip(caches["mlp"].layers, caches["plain"].layers):
+        held = fused.alive[:, :, : fused.used]
+        assert torch.equal(held, plain.alive[:, :, : plain.used]) and 0 < held.sum() < held.numel()
+        torch.testing.assert_close(fused.scores[:, :, : fused.used][held], plain.scores[:, :, : plain.used][held], atol=1e-5, rtol=1e-5)
