@@ -41,9 +41,9 @@ from kvzap_lab.kernels import compact
 _SLOT_QUANTUM = 8
 # A growing layer gets this fraction of its live slots (and stored pairs) as headroom (geometric growth).
 _GROWTH = 1 / 16
-# A compaction leaves room for at most this fraction of the slots it keeps (at least one quantum), so that the
-# room asked for stays a bounded part of the bytes held, also for short sequences.
-_HEADROOM = 1 / 8
+# A compaction leaves room for at most this fraction of the tokens seen (at least one quantum), so that the room
+# asked for stays a small part of what a full cache would hold, also for short sequences.
+_HEADROOM = 1 / 32
 
 
 def _round_up(n: int) -> int:
@@ -193,8 +193,7 @@ class CompactLayer(CacheLayerMixin):
     def compact(self, headroom: int = 0) -> None:
         """Free the evicted pairs: pack every row's live slots to the front (order kept), trim the slots to the
         longest row, and rewrite ``keys``/``values`` with exactly the pairs kept, plus room for ``headroom`` more
-        tokens per row (so that the appends until the next compaction need no growth), capped at 1/8 of the slots
-        kept (at least 8)."""
+        tokens per row (so that the appends until the next compaction need no growth)."""
         if not self.is_initialized:
             return
         n = self.used
@@ -207,7 +206,6 @@ class CompactLayer(CacheLayerMixin):
         rows = slot_index[..., 0].long()[self.alive]  # kept pairs in (b, head, slot) order
         self.stored = len(rows)
         b, h = self.alive.shape[:2]
-        headroom = min(headroom, max(_SLOT_QUANTUM, int(self.used * _HEADROOM)))
         room = max(self.stored + headroom * b * h, 1)  # at least one row, so that padding slots index something
         self.keys, self.values = (_kept_rows(x, rows, room) for x in (self.keys, self.values))
         self.index = torch.zeros_like(self.alive, dtype=torch.int64)
@@ -339,7 +337,9 @@ class CompactCache(Cache):
         return self.seen
 
     def compact(self, headroom: int = 0) -> None:
-        """Compact every layer, leaving room for ``headroom`` more tokens (see :meth:`CompactLayer.compact`)."""
+        """Compact every layer (see :meth:`CompactLayer.compact`), leaving room for ``headroom`` more tokens per row,
+        at most 1/32 of the tokens seen (at least 8): the room stays a small part of a full cache's bytes."""
+        headroom = min(headroom, max(_SLOT_QUANTUM, int(self.seen * _HEADROOM)))
         for layer in self.layers:
             layer.compact(headroom)
 

@@ -184,7 +184,7 @@ def capture_attention_inputs(model: nn.Module, store: dict[int, torch.Tensor] | 
 
         def pre_hook(mod, args, kwargs, idx=idx):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            captured[idx] = hidden.detach()
+            captured[idx] = hidden.detach() if hidden.requires_grad else hidden  # detach is one more op per layer
 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:

@@ -95,7 +95,7 @@ def test_appends_of_any_chunking_gather_each_rows_pairs_in_order(headroom):
     """Chunks of 3, 1, 1 (left padding in the first), a compaction, then 5 and 9 single tokens: every row gathers
     exactly the pairs it was fed and kept, in order, with their positions. Without headroom the slots grow at the
     first append after the compaction; with room for 8 tokens (asked for, or 64 capped at one quantum since
-    few slots are kept) the first 8 tokens fit, and the storage grows later."""
+    few tokens were seen) the first 8 tokens fit, and the storage grows later."""
     cache = CompactCache(n_layers=1)
     layer = cache.layers[0]
     fed = [[[] for _ in range(H)] for _ in range(B)]  # (key, position) per row
@@ -120,7 +120,7 @@ def test_appends_of_any_chunking_gather_each_rows_pairs_in_order(headroom):
         position = layer.positions[b, h, slot].item()
         fed[b][h] = [(k, p) for k, p in fed[b][h] if p != position]
     cache.compact(headroom)
-    assert layer.keys.shape[0] == layer.stored + min(headroom, 8) * B * H  # 5 slots kept: the room is capped at 8
+    assert layer.keys.shape[0] == layer.stored + min(headroom, 8) * B * H  # 5 tokens seen: the room is capped at 8
     storage = (layer.keys, layer.values, layer.index, layer.positions, layer.scores, layer.alive)
     append(5, seed=4)
     for i in range(9):
