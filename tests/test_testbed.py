@@ -35,7 +35,7 @@ def _train(out, steps, *extra, wait=True):
 
 
 def test_training_resumes_after_kill_and_matches_an_uninterrupted_run(tmp_path):
-    steps = 8
+    steps = 16  # enough for the kill to land mid-way on a fast machine too (8 steps could finish between polls)
     straight = _train(tmp_path / "a" / "model", steps, "--every", "4")
     summary = json.loads(straight.stdout.strip().splitlines()[-1])
     assert summary["step"] == steps
@@ -47,7 +47,7 @@ def test_training_resumes_after_kill_and_matches_an_uninterrupted_run(tmp_path):
     while time.time() < deadline:
         if state.exists() and torch.load(state, weights_only=True)["step"] >= 3:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(state, weights_only=True)["step"]
