@@ -41,8 +41,8 @@ from kvzap_lab.kernels import compact
 _SLOT_QUANTUM = 8
 # A growing layer gets this fraction of its live slots (and stored pairs) as headroom (geometric growth).
 _GROWTH = 1 / 16
-# A compaction leaves room for at most this fraction of the tokens seen (at least one quantum), so that the room
-# asked for stays a small part of what a full cache would hold, also for short sequences.
+# A compaction leaves room for at most this fraction of the tokens seen, so that the room asked for stays a small
+# part of what a full cache would hold, also for short sequences.
 _HEADROOM = 1 / 32
 
 
@@ -338,8 +338,8 @@ class CompactCache(Cache):
 
     def compact(self, headroom: int = 0) -> None:
         """Compact every layer (see :meth:`CompactLayer.compact`), leaving room for ``headroom`` more tokens per row,
-        at most 1/32 of the tokens seen (at least 8): the room stays a small part of a full cache's bytes."""
-        headroom = min(headroom, max(_SLOT_QUANTUM, int(self.seen * _HEADROOM)))
+        at most 1/32 of the tokens seen: the room stays a small part of a full cache's bytes."""
+        headroom = min(headroom, int(self.seen * _HEADROOM))
         for layer in self.layers:
             layer.compact(headroom)
 

@@ -14,7 +14,8 @@ loop with chunked prefill built on it. Semantics are DMS/KVzap's:
   With ``evict_every=1`` this is DMS step by step; larger values batch the scoring of decoded tokens (scores are
   only read once a pair leaves the window) and let an evictable pair linger up to ``evict_every - 1`` steps;
 - evicted pairs leave the attention at once (masked) and the storage at the next compaction (after every
-  multi-token forward and every ``compact_every`` decode steps), which keeps the per-step work small.
+  multi-token forward and every ``compact_every`` decode steps, or every ``seen / 16`` on shorter sequences),
+  which keeps the per-step work small.
 
 KVzap linear and MLP scorers run through the fused scoring kernel (:func:`kvzap_lab.kernels.score_and_threshold`)
 when Triton runs (CUDA), one call per layer; elsewhere the buffered tokens of all layers are scored at once by
@@ -240,8 +241,10 @@ def _end_forward(run: EvictionRun) -> None:
             if keep is not candidates:  # a rule that keeps every candidate may return them as they are
                 layer.drop(candidates & ~keep)
         run._since_evict = 0
-        if multi_token or run._since_compact >= run.compact_every:
-            cache.compact(headroom=run.compact_every)  # the decode steps until the next compaction need no growth
+        # Short sequences compact sooner, so that the evicted pairs waiting for it stay a small part of the cache.
+        interval = min(run.compact_every, max(1, cache.seen // 16))
+        if multi_token or run._since_compact >= interval:
+            cache.compact(headroom=interval)  # the decode steps until the next compaction need no growth
             run._since_compact = 0
     cache.end_step()
 
@@ -258,8 +261,9 @@ def evicting(
 
     Decode steps are scored and offered to the rule every ``evict_every`` steps (1: at every step, DMS exactly;
     more: a pair that left the window waits up to ``evict_every - 1`` steps, which saves per-step work); the
-    storage is compacted every ``compact_every`` steps and after every multi-token forward, leaving room for the
-    ``compact_every`` tokens that come before the next compaction.
+    storage is compacted every ``compact_every`` steps (every ``seen / 16`` steps on shorter sequences, so that the
+    evicted pairs waiting for it stay under ~6 % of a full cache) and after every multi-token forward, leaving
+    room for the tokens that come before the next compaction.
 
     Forward calls get a :class:`CompactCache` (a new one when they pass none or an empty one); a 2-D
     ``attention_mask`` must cover past and new tokens, left padding marked 0. Yields an :class:`EvictionRun`

@@ -90,12 +90,12 @@ def test_compaction_keeps_order_and_trims_storage_to_the_longest_row():
     assert layer.positions[1, 1, layer.used - 1].item() == 20
 
 
-@pytest.mark.parametrize("headroom", [0, 8, 64])
+@pytest.mark.parametrize("headroom", [0, 8])
 def test_appends_of_any_chunking_gather_each_rows_pairs_in_order(headroom):
     """Chunks of 3, 1, 1 (left padding in the first), a compaction, then 5 and 9 single tokens: every row gathers
     exactly the pairs it was fed and kept, in order, with their positions. Without headroom the slots grow at the
-    first append after the compaction; with room for 8 tokens (asked for, or 64 capped at one quantum since
-    few tokens were seen) the first 8 tokens fit, and the storage grows later."""
+    first append after the compaction; with room for 8 tokens the first 8 tokens fit, and the storage grows
+    later."""
     cache = CompactCache(n_layers=1)
     layer = cache.layers[0]
     fed = [[[] for _ in range(H)] for _ in range(B)]  # (key, position) per row
@@ -119,8 +119,8 @@ def test_appends_of_any_chunking_gather_each_rows_pairs_in_order(headroom):
     for b, h, slot in evict.nonzero().tolist():
         position = layer.positions[b, h, slot].item()
         fed[b][h] = [(k, p) for k, p in fed[b][h] if p != position]
-    cache.compact(headroom)
-    assert layer.keys.shape[0] == layer.stored + min(headroom, 8) * B * H  # 5 tokens seen: the room is capped at 8
+    layer.compact(headroom)
+    assert layer.keys.shape[0] == layer.stored + headroom * B * H
     storage = (layer.keys, layer.values, layer.index, layer.positions, layer.scores, layer.alive)
     append(5, seed=4)
     for i in range(9):
@@ -137,6 +137,17 @@ def test_appends_of_any_chunking_gather_each_rows_pairs_in_order(headroom):
             torch.testing.assert_close(keys[b, h][alive], torch.stack([k for k, _ in fed[b][h]]))
             torch.testing.assert_close(values[b, h][alive], -torch.stack([k for k, _ in fed[b][h]]))
             assert layer.positions[b, h, : layer.used][alive].tolist() == [p for _, p in fed[b][h]]
+
+
+def test_the_room_a_compaction_leaves_is_at_most_a_32nd_of_the_tokens_seen():
+    cache = CompactCache(n_layers=1)
+    layer = cache.layers[0]
+    for seen, room in ((100, 3), (1100, 32)):
+        feed(cache, seen - cache.seen)
+        cache.end_step()
+        cache.compact(headroom=32)
+        assert layer.keys.shape[0] - layer.stored == room * B * H
+        assert layer.capacity >= layer.used + room
 
 
 def test_bytes_held_follow_the_pairs_kept():

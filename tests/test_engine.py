@@ -106,6 +106,25 @@ def test_compacted_cache_matches_masked_full_cache(model_type, evict_every):
     assert cache.compression().per_layer_head.shape == (2, 2)
 
 
+def test_short_sequences_compact_sooner_so_waiting_evicted_pairs_stay_few():
+    """Every pair outside the window is evicted at every step: between compactions the stored-but-evicted pairs
+    grow by one per row and step. On a 40-token prompt they stay within seen / 16 steps' worth, not the
+    ``compact_every`` (32) steps' worth that a long sequence may hold."""
+    model = random_tiny_model("llama", seed=4)
+    policy = Policy("evict_all", TableScorer(torch.zeros(2, 2, 1024)), Threshold(tau=1.0, window=4, sinks=1))
+    ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(5))
+    waiting = []
+    with evicting(model, policy, evict_every=1, compact_every=32) as run, torch.no_grad():
+        cache = run.new_cache()
+        model(ids[:, :40], cache=cache)
+        for t in range(40, 80):
+            model(ids[:, t : t + 1], cache=cache)
+            layer = cache.layers[0]
+            waiting.append((layer.stored - int(layer.kept().sum())) // 2)  # per row (2 KV heads)
+            assert int(layer.kept().sum()) == 2 * (1 + 4)  # sinks and window only
+    assert max(waiting) <= cache.seen // 16 and max(waiting) >= 2  # compactions every 2 to 5 steps here
+
+
 def held_positions(cache, layer, row, head):
     lay = cache.layers[layer]
     alive = lay.alive[row, head, : lay.used]
