@@ -20,8 +20,8 @@ loop with chunked prefill built on it. Semantics are DMS/KVzap's:
 KVzap linear and MLP scorers run through the fused scoring kernel (:func:`kvzap_lab.kernels.score_and_threshold`)
 when Triton runs (CUDA), one call per layer; elsewhere the buffered tokens of all layers are scored at once by
 one stacked matmul per map (:func:`stacked_weights`: on CPU at decode sizes, dispatch costs more than
-arithmetic). Compaction runs through :func:`kvzap_lab.kernels.compact` and leaves room for the ``compact_every``
-tokens that arrive before the next one, so decode appends do not grow the storage.
+arithmetic). Compaction runs through :func:`kvzap_lab.kernels.compact` and leaves room for the tokens that
+arrive before the next one, so decode appends do not grow the storage.
 
 Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
 layer's sliding window, if any). New tokens get their true positions: each row counts its real tokens, so left
