@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from kvzap_lab import tasks
+from kvzap_lab import io, tasks
 from kvzap_lab.model import TESTBED_PATH
 
 CHAT_TEMPLATE = (
@@ -271,27 +269,12 @@ def build_model(config: TrainConfig, tokenizer):
     return LlamaForCausalLM(model_config)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(model, tokenizer, out: Path, meta: dict) -> None:
-    """Write the HF checkpoint directory atomically (a temporary sibling directory, then a rename)."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(meta, indent=2))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old)
+    """Write the HF checkpoint directory atomically (see :func:`kvzap_lab.io.atomic_directory`)."""
+    with io.atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2))
 
 
 def train(config: TrainConfig, out: Path, device: str, workers: int, every: int, time_budget: float | None) -> dict:
@@ -379,10 +362,8 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
             meta = {"config": asdict(config), "step": step, "seconds": time.time() - began, "batch_token_accuracy": accuracy}
             meta["history"] = [{k: v for k, v in h.items() if k != "history"} for h in history]
             _save_checkpoint(model, tokenizer, out, meta)  # first: a saved state always has its checkpoint
-            _atomic_torch_save(
-                {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                state_path,
-            )
+            state = {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+            io.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         if out_of_time:
             break
     progress.close()

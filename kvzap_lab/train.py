@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from kvzap_lab import io
 from kvzap_lab.policy import resolve_policy
 from kvzap_lab.surrogate import TrainableScorer, check_training_data, projection_flops_per_token, r2_spearman_mse
 
@@ -78,11 +77,8 @@ def plot_predictions(y_true, y_pred, path) -> None:
         r2 = np.corrcoef(t, p)[0, 1] ** 2
         ax.set(title=f"layer {layer}  R²={r2:.3f}", xlabel="true log KVzip+", ylabel="predicted")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -135,10 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     X_test, y_test = check_training_data(dataset.X_test, dataset.y_test)
     plot_predictions(y_test, scorer.predict(X_test), out / "pred_vs_true.png")
     summary |= {"scorer_dir": str(out / "scorer"), "plot": str(out / "pred_vs_true.png"), "data": str(args.data)}
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, out / "metrics.json")
+    io.atomic_write_json(out / "metrics.json", summary)
     print(_report(summary))
     if args.json:
         print(json.dumps(summary))
