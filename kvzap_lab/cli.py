@@ -42,9 +42,17 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None, 
     except USER_ERRORS as err:
         if os.environ.get("KVZAP_LAB_DEBUG"):
             raise
-        name = prog or f"python -m {main.__module__}"
+        name = prog or f"python -m {_module_name(main)}"
         print(f"{name}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _module_name(main: Callable) -> str:
+    """``kvzap_lab.testbed`` also when the module runs as ``__main__`` (``python -m kvzap_lab.testbed``)."""
+    if main.__module__ != "__main__":
+        return main.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else os.path.basename(sys.argv[0])
 
 
 def positive_int(text: str) -> int:
@@ -85,6 +93,41 @@ def fraction(low: float = 0.0, high: float = 1.0, *, high_open: bool = False) ->
         return value
 
     return parse
+
+
+class ListOption(argparse.Action):
+    """``--tasks a b`` (``nargs="+"``); the old comma spelling ``--tasks a,b`` still works, with a deprecation note.
+
+    ``allowed`` (instead of argparse's ``choices``, which would refuse ``a,b`` before it is split) lists the valid
+    items."""
+
+    def __init__(self, option_strings, dest, allowed=None, **kwargs):
+        self.allowed = None if allowed is None else list(allowed)
+        if self.allowed is not None and "metavar" not in kwargs:
+            kwargs["metavar"] = "{" + ",".join(self.allowed) + "}"
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = [part for value in values for part in value.split(",") if part]
+        if any("," in value for value in values):
+            print(f"{parser.prog}: warning: {option_string} a,b is deprecated; write {option_string} {' '.join(items)}", file=sys.stderr)
+        if self.allowed is not None:
+            unknown = [item for item in items if item not in self.allowed]
+            if unknown:
+                parser.error(f"argument {option_string}: unknown {unknown}; choose from {', '.join(self.allowed)}")
+        setattr(namespace, self.dest, items)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name kept working: stores into the new option's ``dest`` and says what to write instead."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _int(text: str) -> int:

@@ -126,6 +126,9 @@ def check_writable(directory: str | Path) -> Path:
         PermissionError: naming the directory, when it cannot be created or written.
     """
     directory = Path(directory)
+    blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise PermissionError(f"cannot write to {directory}: {blocking} is a file, not a directory; choose another output location")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe.", suffix=TMP_SUFFIX)

@@ -34,7 +34,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from kvzap_lab import io, tasks
+from kvzap_lab import cli, io, tasks
+from kvzap_lab.faults import kill_point
 from kvzap_lab.model import TESTBED_PATH
 
 CHAT_TEMPLATE = (
@@ -66,6 +67,21 @@ class TrainConfig:
     max_positions: int = 4096
     max_context: int = 512
     init_from: str = ""
+
+    def __post_init__(self):
+        positive = ("steps", "tokens_per_step", "hidden_size", "layers", "heads", "kv_heads", "intermediate_size",
+                    "vocab_size", "tokenizer_lines", "max_positions", "max_context")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0; got {self.warmup}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}; got {value}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"--heads ({self.heads}) must be a multiple of --kv-heads ({self.kv_heads})")
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -280,7 +296,7 @@ def _save_checkpoint(model, tokenizer, out: Path, meta: dict) -> None:
 def train(config: TrainConfig, out: Path, device: str, workers: int, every: int, time_budget: float | None) -> dict:
     """Train (or resume) the test bed into ``out``; returns a summary dict."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    io.check_writable(out.parent)  # before any work: a read-only --out fails now, not at the first checkpoint
     state_path = out.parent / (out.name + ".train_state.pt")
     if config.init_from or state_path.exists():  # fine-tuning or resuming: keep the tokenizer already made
         from transformers import AutoTokenizer
@@ -364,6 +380,7 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
             _save_checkpoint(model, tokenizer, out, meta)  # first: a saved state always has its checkpoint
             state = {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
             io.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+            kill_point("testbed.checkpoint")
         if out_of_time:
             break
     progress.close()
@@ -412,43 +429,43 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.testbed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train (or resume) the test-bed model")
-    p_train.add_argument("--out", type=Path, default=TESTBED_PATH, help="checkpoint directory (default: the bundled one)")
+    p_train.add_argument("--out", type=Path, help=f"checkpoint directory (required; {TESTBED_PATH} is the bundled one)")
     p_train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p_train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes producing batches")
-    p_train.add_argument("--every", type=int, default=200, help="checkpoint every N steps")
+    p_train.add_argument("--workers", type=cli.non_negative_int, default=0, help="DataLoader worker processes producing batches")
+    p_train.add_argument("--every", type=cli.positive_int, default=200, help="checkpoint every N steps")
     p_train.add_argument("--time-budget", type=float, default=None, help="stop (after a checkpoint) after this many seconds")
     for name, field_ in TrainConfig.__dataclass_fields__.items():
         p_train.add_argument("--" + name.replace("_", "-"), type=type(field_.default), default=field_.default)
     p_eval = sub.add_parser("eval", help="full-cache accuracy per task on held-out samples")
     p_eval.add_argument("--model", default="testbed")
-    p_eval.add_argument("--context-tokens", type=int, default=1024)
-    p_eval.add_argument("--n", type=int, default=200, help="samples per task")
+    p_eval.add_argument("--context-tokens", type=cli.positive_int, default=1024)
+    p_eval.add_argument("--n-samples", type=cli.positive_int, default=200, help="samples per task")
+    p_eval.add_argument("--n", type=cli.positive_int, dest="n_samples", action=cli.DeprecatedAlias, new="--n-samples", help=argparse.SUPPRESS)
     p_eval.add_argument("--seed", type=int, default=0)
-    p_eval.add_argument("--tasks", default=",".join(tasks.TASKS))
+    p_eval.add_argument("--tasks", nargs="+", action=cli.ListOption, allowed=tasks.TASKS, default=list(tasks.TASKS))
     p_eval.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p_eval.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p_eval.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     args = parser.parse_args(argv)
     if args.command == "train":
+        if args.out is None:
+            parser.error(f"--out is required (a checkpoint directory); the bundled checkpoint is replaced only when "
+                         f"named explicitly: --out {TESTBED_PATH}")
         fields = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
         summary = train(TrainConfig(**fields), args.out, args.device, args.workers, args.every, args.time_budget)
         print(json.dumps(summary))
         return 0
     from kvzap_lab.model import load_model
 
-    names = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in names if t not in tasks.TASKS]
-    if unknown:
-        parser.error(f"unknown tasks {unknown}; known tasks: {', '.join(tasks.TASKS)}")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    accuracy = evaluate(model, tokenizer, args.context_tokens, args.n, args.seed, names)
+    accuracy = evaluate(model, tokenizer, args.context_tokens, args.n_samples, args.seed, args.tasks)
     for task, value in accuracy.items():
         print(f"{task:20s} {value:.3f}")
-    summary = {"context_tokens": args.context_tokens, "n_per_task": args.n, "accuracy": accuracy}
+    summary = {"context_tokens": args.context_tokens, "n_per_task": args.n_samples, "accuracy": accuracy}
     if args.json:
         print(json.dumps(summary))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(cli.run(main))

@@ -61,3 +61,28 @@ def test_types_refuse_with_the_rule(parse, text, message):
     with pytest.raises(argparse.ArgumentTypeError) as err:
         parse(text)
     assert str(err.value) == message
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--tasks", nargs="+", action=cli.ListOption, allowed=["a", "b", "c"], default=["a"])
+    parser.add_argument("--n-samples", type=cli.positive_int, default=5)
+    parser.add_argument("--n", type=cli.positive_int, dest="n_samples", action=cli.DeprecatedAlias, new="--n-samples", help=argparse.SUPPRESS)
+    return parser
+
+
+def test_list_option_takes_spaces_and_the_old_commas(capsys):
+    assert _parser().parse_args(["--tasks", "a", "c"]).tasks == ["a", "c"]
+    assert capsys.readouterr().err == ""
+    assert _parser().parse_args(["--tasks", "b,c"]).tasks == ["b", "c"]
+    assert "--tasks a,b is deprecated; write --tasks b c" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["--tasks", "a,x"])
+    assert exit_.value.code == 2 and "unknown ['x']; choose from a, b, c" in capsys.readouterr().err
+
+
+def test_deprecated_alias_stores_into_the_new_option(capsys):
+    assert _parser().parse_args(["--n", "7"]).n_samples == 7
+    assert "--n is deprecated; use --n-samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--n", "0"])  # the alias keeps the new option's type

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import replace
 
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from kvzap_lab import tasks, testbed
+from kvzap_lab import faults, tasks, testbed
 from kvzap_lab.model import TESTBED_PATH
 
 TINY = [
@@ -26,34 +25,27 @@ TINY = [
 ]  # fmt: skip
 
 
-def _train(out, steps, *extra, wait=True):
+def _train(out, steps, *extra, kill_at=None):
     cmd = [sys.executable, "-m", "kvzap_lab.testbed", "train", "--out", str(out), "--steps", str(steps), *TINY, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=300)
+    if kill_at:
+        env[faults.ENV_VAR] = kill_at
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=kill_at is None, timeout=300)
 
 
 def test_training_resumes_after_kill_and_matches_an_uninterrupted_run(tmp_path):
-    steps = 16  # enough for the kill to land mid-way on a fast machine too (8 steps could finish between polls)
+    steps = 8
     straight = _train(tmp_path / "a" / "model", steps, "--every", "4")
     summary = json.loads(straight.stdout.strip().splitlines()[-1])
     assert summary["step"] == steps
 
     out = tmp_path / "b" / "model"
     state = out.parent / "model.train_state.pt"
-    proc = _train(out, steps, "--every", "1", wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if state.exists() and torch.load(state, weights_only=True)["step"] >= 3:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(state, weights_only=True)["step"]
-    assert 3 <= killed_at < steps, "the run should have been killed mid-way"
+    killed = _train(out, steps, "--every", "1", kill_at="testbed.checkpoint:3")  # SIGKILL right after step 3's save
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(state, weights_only=True)["step"] == 3
     resumed = _train(out, steps, "--every", "1")
-    assert f"resuming from step {killed_at}" in resumed.stderr
+    assert "resuming from step 3" in resumed.stderr
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     b = load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
@@ -65,6 +57,28 @@ def test_training_resumes_after_kill_and_matches_an_uninterrupted_run(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as err:
         _train(out, steps + 1, "--every", "1")
     assert "was written with another config" in err.value.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--steps", "3"], "--out is required"),
+        (["train", "--out", "OUT", "--steps", "0"], "--steps must be >= 1; got 0"),
+        (["train", "--out", "OUT", "--steps", "-5"], "--steps must be >= 1; got -5"),
+        (["train", "--out", "OUT", "--lr", "nan"], "--lr must be a finite number > 0; got nan"),
+        (["train", "--out", "FILE/model"], "is a file, not a directory"),
+        (["eval", "--n-samples", "0"], "must be an int >= 1; got 0"),
+        (["eval", "--n", "0"], "must be an int >= 1; got 0"),
+        (["eval", "--tasks", "single_needle,nope"], "unknown ['nope']"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_work(argv, message, tmp_path):
+    (tmp_path / "FILE").write_text("")
+    argv = [a.replace("OUT", str(tmp_path / "out")).replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "kvzap_lab.testbed", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +147,8 @@ def test_recipe_phases_pure_induction_then_warmup_then_tasks_and_fine_tuning_ski
 
 @pytest.mark.slow
 def test_bundled_testbed_meets_accuracy_targets_short_form():
-    cmd = [sys.executable, "-m", "kvzap_lab.testbed", "eval", "--json", "--n", "40", "--context-tokens", "512",
-           "--tasks", "single_needle,multi_key_needle,copy", "--device", "cpu"]  # fmt: skip
+    cmd = [sys.executable, "-m", "kvzap_lab.testbed", "eval", "--json", "--n-samples", "40", "--context-tokens", "512",
+           "--tasks", "single_needle", "multi_key_needle", "copy", "--device", "cpu"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["context_tokens"] == 512
