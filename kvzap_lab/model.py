@@ -136,7 +136,7 @@ def load_model(
     if name_or_path == "testbed" and not (TESTBED_PATH / "config.json").exists():
         raise FileNotFoundError(
             f"the bundled test-bed checkpoint is missing at {TESTBED_PATH}; "
-            "train it with `python -m kvzap_lab.testbed train`"
+            "train it with `python -m kvzap_lab.testbed train --out kvzap_lab/testbed_model`"
         )
     try:
         config = AutoConfig.from_pretrained(source)

@@ -1,6 +1,6 @@
 """The bundled test-bed model: its tokenizer, its training recipe and its evaluation.
 
-    python -m kvzap_lab.testbed train [--out DIR] [--steps N] [--device cuda]   # seeded, resumable
+    python -m kvzap_lab.testbed train --out DIR [--steps N] [--device cuda]     # seeded, resumable
     python -m kvzap_lab.testbed eval --json                                      # full-cache accuracy
 
 The bundled checkpoint is these defaults (stage 1, 48 min on 2 CPU cores) then a fine-tune on contexts up to
