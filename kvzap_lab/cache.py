@@ -327,6 +327,21 @@ class CompactCache(Cache):
             if layer.is_initialized:
                 layer.alive[row, :, : layer.used] = False
 
+    def fork(self) -> "CompactCache":
+        """A copy that later steps change without touching this cache: the slot tables are copied, keys and values
+        shared read-only (trimmed to the stored rows, so the fork's first append or compaction writes new storage)."""
+        twin = CompactCache(len(self.layers))
+        twin.seen, twin.real_seen = self.seen, None if self.real_seen is None else self.real_seen.clone()
+        for mine, theirs in zip(twin.layers, self.layers):
+            if theirs.is_initialized:
+                mine.device, mine.is_initialized = theirs.device, True
+                mine.keys, mine.values = theirs.keys[: theirs.stored], theirs.values[: theirs.stored]
+                mine.index, mine.positions, mine.scores, mine.alive = (
+                    x.clone() for x in (theirs.index, theirs.positions, theirs.scores, theirs.alive)
+                )
+                mine.used, mine.stored, mine.offset = theirs.used, theirs.stored, theirs.offset
+        return twin
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 

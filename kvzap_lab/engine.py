@@ -312,6 +312,51 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[T
     return ids.to(device), mask.to(device)
 
 
+def _prompt_batch(model: nn.Module, prompts, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``ids [b, n]`` and ``mask [b, n]`` on the model's device from ids (+ mask) or token lists (left-padded here)."""
+    device = next(model.parameters()).device
+    if not isinstance(prompts, Tensor):
+        prompts, attention_mask = left_pad(prompts, model.config.pad_token_id or 0, device)
+    ids = prompts.to(device)
+    return ids, torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+
+
+def _greedy(
+    model: nn.Module,
+    cache: CompactCache,
+    logits: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    expected: Sequence[Sequence[int]] | None,
+) -> Generation:
+    """The decode loop of :func:`generate` (and of :meth:`Prefill.branch`), from the prompt's last ``logits
+    [b, 1, vocab]`` over ``cache``, inside :func:`evicting`."""
+    device = logits.device
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = torch.as_tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=device)
+    b = logits.shape[0]
+    if expected is not None:  # right-padded with -1, which no token matches
+        expected_ids = torch.full((b, max_new_tokens), -1, dtype=torch.long)
+        for row, ref in enumerate(expected):
+            ref = list(ref)[:max_new_tokens]
+            expected_ids[row, : len(ref)] = torch.as_tensor(ref, dtype=torch.long)
+        expected_ids = expected_ids.to(device)
+    steps = []
+    length = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
+    for i in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)
+        steps.append(token)
+        stop = torch.isin(token, eos)
+        if expected is not None:
+            stop |= token != expected_ids[:, i]
+        length = torch.where(stop & (length == max_new_tokens), i + 1, length)
+        if i == max_new_tokens - 1 or bool((length < max_new_tokens).all()):
+            break
+        logits = model(input_ids=token[:, None], cache=cache).logits
+    tokens = [row[:n] for row, n in zip(torch.stack(steps, 1).tolist(), length.tolist())]
+    return Generation(tokens, cache.compression(), cache.bytes_held(), cache.full_bytes())
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -332,43 +377,100 @@ def generate(
     The prompt is prefilled in chunks of ``chunk_size`` tokens (eviction runs after each chunk); each row stops
     at its first ``eos_token_id`` (default: the model's), which is included in its tokens. With ``expected``
     (reference tokens per row), a row also stops at its first token that differs from its reference: exact-match
-    scoring needs no more, and evaluation gets much cheaper.
+    scoring needs no more, and evaluation gets much cheaper. To run several policies on the same prompts with a
+    one-chunk prefill, :func:`prefill` once and :meth:`Prefill.branch` per policy gives the same results.
     """
     if max_new_tokens < 1 or chunk_size < 1:
         raise ValueError(f"max_new_tokens and chunk_size must be >= 1; got {max_new_tokens}, {chunk_size}")
-    device = next(model.parameters()).device
-    if not isinstance(prompts, Tensor):
-        prompts, attention_mask = left_pad(prompts, model.config.pad_token_id or 0, device)
-    ids = prompts.to(device)
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = torch.as_tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=device)
-    b = ids.shape[0]
-    if expected is not None:  # right-padded with -1, which no token matches
-        expected_ids = torch.full((b, max_new_tokens), -1, dtype=torch.long)
-        for row, ref in enumerate(expected):
-            ref = list(ref)[:max_new_tokens]
-            expected_ids[row, : len(ref)] = torch.as_tensor(ref, dtype=torch.long)
-        expected_ids = expected_ids.to(device)
+    ids, mask = _prompt_batch(model, prompts, attention_mask)
     with evicting(model, policy, evict_every=evict_every, compact_every=compact_every) as run:
         cache = run.new_cache()
         for start in range(0, ids.shape[1], chunk_size):
             end = min(start + chunk_size, ids.shape[1])
             logits = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], cache=cache, logits_to_keep=1).logits
-        steps = []
-        length = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
-        for i in range(max_new_tokens):
-            token = logits[:, -1].argmax(-1)
-            steps.append(token)
-            stop = torch.isin(token, eos)
-            if expected is not None:
-                stop |= token != expected_ids[:, i]
-            length = torch.where(stop & (length == max_new_tokens), i + 1, length)
-            if i == max_new_tokens - 1 or bool((length < max_new_tokens).all()):
-                break
-            logits = model(input_ids=token[:, None], cache=cache).logits
-    tokens = [row[:n] for row, n in zip(torch.stack(steps, 1).tolist(), length.tolist())]
-    return Generation(tokens, cache.compression(), cache.bytes_held(), cache.full_bytes())
+        return _greedy(model, cache, logits, max_new_tokens, eos_token_id, expected)
+
+
+@dataclass
+class Prefill:
+    """A batch of prompts prefilled once with the full cache (:func:`prefill`), to branch into policies.
+
+    Holds what every policy's eviction point needs: ``ids``/``mask`` ``[b, n]`` (left-padded prompts, 1 on real
+    tokens), ``positions [b, n]`` (each row's true positions), ``cache`` (the full :class:`CompactCache` of the
+    prompts, nothing evicted), ``hidden`` (per layer ``[b, n, hidden]``: the hidden state entering that attention
+    layer at every prompt token, what KVzap scorers read) and ``logits [b, 1, vocab]`` (the prompts' last ones).
+    Memory: the full cache plus ``layers * b * n * hidden`` activations, held until the object is dropped.
+    """
+
+    model: nn.Module
+    ids: Tensor
+    mask: Tensor
+    positions: Tensor
+    cache: CompactCache
+    hidden: list[Tensor]
+    logits: Tensor
+
+    @torch.no_grad()
+    def branch(
+        self,
+        policy: Policy | None,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        evict_every: int = DEFAULT_EVICT_EVERY,
+        compact_every: int = DEFAULT_COMPACT_EVERY,
+        expected: Sequence[Sequence[int]] | None = None,
+    ) -> Generation:
+        """Greedy generation by ``policy`` from this prefill: exactly ``generate(model, ids, policy, max_new_tokens,
+        attention_mask=mask, chunk_size=n, ...)`` (same tokens, compression and bytes), without a prefill.
+
+        A fork of the full cache replays the end of the prefill forward under ``policy``: its scorer scores every
+        prompt pair from the stored hidden states, keys, values and positions, its rule evicts at the prefill's
+        eviction point, the cache is compacted, then decoding runs as in :func:`generate`. The prefill stays
+        intact: branch as often as needed (set an oracle's table with ``set_scores`` first, as for ``generate``).
+        A scorer with ``accumulates_attention`` needs the prefill's attention weights, which a shared prefill does
+        not keep: that policy runs its own one-chunk prefill (same result, the cost of one prefill).
+
+        Example::
+
+            pre = prefill(model, [s.input_ids for s in batch])
+            for tau in (-7.0, -6.0, -5.0):
+                out = pre.branch(get_policy("oracle", rule=Threshold(tau)), 20, expected=answers)
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+        if policy is not None and getattr(policy.scorer, "accumulates_attention", False):
+            return generate(self.model, self.ids, policy, max_new_tokens, attention_mask=self.mask, eos_token_id=eos_token_id,
+                            chunk_size=self.ids.shape[1], evict_every=evict_every, compact_every=compact_every, expected=expected)
+        with evicting(self.model, policy, evict_every=evict_every, compact_every=compact_every) as run:
+            cache = self.cache.fork()
+            cache.seen, cache.real_seen = 0, None  # as during the prefill forward, before its end_step
+            cache.begin_step(self.positions, self.mask.bool())
+            run.cache = cache
+            if policy is not None:
+                run._pending = {idx: [hidden] for idx, hidden in enumerate(self.hidden)}
+            _end_forward(run)  # the prefill's eviction point and compaction under this policy
+            return _greedy(self.model, cache, self.logits, max_new_tokens, eos_token_id, expected)
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, prompts: Tensor | Sequence[Sequence[int]], *, attention_mask: Tensor | None = None) -> Prefill:
+    """Prefill ``prompts`` once with the full cache (one chunk) and keep what :meth:`Prefill.branch` needs to run any
+    number of policies from it (KVzap/kvpress semantics: prefill attention is full, eviction starts after it).
+
+    Args:
+        model: a supported HF causal LM.
+        prompts: ``ids [b, n]`` (left-padded, with ``attention_mask [b, n]``) or a list of token lists.
+    Returns:
+        a :class:`Prefill`; ``prefill(m, p).branch(policy, k, ...)`` equals ``generate(m, p, policy, k, ...,
+        chunk_size >= n)``.
+    """
+    ids, mask = _prompt_batch(model, prompts, attention_mask)
+    with evicting(model, None) as run, capture_attention_inputs(model) as hidden:
+        cache = run.new_cache()
+        positions = cache.next_positions(ids.shape[0], ids.shape[1], mask.bool(), device=ids.device)
+        logits = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits
+    return Prefill(model, ids, mask, positions, cache, [hidden[i] for i in range(len(cache.layers))], logits)
 
 
 def full_cache_bytes(cache: Cache) -> int:
