@@ -60,9 +60,15 @@ def _grown(t: Tensor, capacity: int, dim: int, n: int) -> Tensor:
 
 
 def _kept_rows(t: Tensor, rows: Tensor, room: int) -> Tensor:
-    """A new ``[room, d]`` tensor whose first ``len(rows)`` rows are ``t[rows]`` (the rest uninitialised)."""
+    """A new ``[room, d]`` tensor whose first ``len(rows)`` rows are ``t[rows]`` (the rest uninitialised).
+
+    Under autograd (``t`` requires grad) the rows are gathered then copied, so gradients reach ``t``; without,
+    they are gathered straight into place (``out=`` is not differentiable)."""
     out = t.new_empty(room, t.shape[1])
-    torch.index_select(t, 0, rows, out=out.narrow(0, 0, len(rows)))
+    if t.requires_grad and torch.is_grad_enabled():
+        out.narrow(0, 0, len(rows)).copy_(t.index_select(0, rows))
+    else:
+        torch.index_select(t, 0, rows, out=out.narrow(0, 0, len(rows)))
     return out
 
 
