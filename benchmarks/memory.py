@@ -29,7 +29,7 @@ import torch
 from kvzap_lab import tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, evicting, full_cache_bytes, left_pad
 from kvzap_lab.evaluate import oracle_table
-from kvzap_lab.model import load_model
+from kvzap_lab.model import MODEL_HELP, load_model
 from kvzap_lab.policy import Policy, Threshold, get_policy
 
 TARGETS = (0.5, 0.75, 0.9)
@@ -59,7 +59,7 @@ def run(model, ids, mask, tokens, policy: Policy | None, engine: bool) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="testbed")
+    parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--context-tokens", type=int, default=1024)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)

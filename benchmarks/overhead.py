@@ -33,7 +33,7 @@ import torch
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, DEFAULT_COMPACT_EVERY, DEFAULT_EVICT_EVERY, evicting
-from kvzap_lab.model import load_model
+from kvzap_lab.model import MODEL_HELP, load_model
 from kvzap_lab.oracle import score_contexts
 from kvzap_lab.policy import Policy, calibrate, get_policy
 from kvzap_lab.surrogate import projection_flops_per_token
@@ -91,7 +91,7 @@ def side_by_side(models: dict, prompt: torch.Tensor, tokens: torch.Tensor, modes
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="testbed")
+    parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--checkpoint", default=None, help="a trained kvzap_mlp directory (default: fit one here)")
     parser.add_argument("--tau", type=float, default=None, help="threshold (default: calibrated for --compression)")
     parser.add_argument("--compression", type=float, default=0.75)

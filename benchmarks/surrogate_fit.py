@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvzap_lab.model import load_model
+from kvzap_lab.model import MODEL_HELP, load_model
 from kvzap_lab.surrogate import projection_flops_per_token, synthetic_split
 from kvzap_lab.train import _load_dataset, fit_and_evaluate
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="oracle dataset directory")
     source.add_argument("--synthetic", type=int, metavar="N", help="use N synthetic rows (hidden 128, 4 layers, 2 KV heads)")
-    parser.add_argument("--model", help="model whose linear projections set the FLOPs baseline (e.g. testbed)")
+    parser.add_argument("--model", help=f"model whose linear projections set the FLOPs baseline: {MODEL_HELP}")
     parser.add_argument("--set", action="append", default=[], metavar="SCORER.KEY=VALUE", help="e.g. mlp.epochs=5")
     parser.add_argument("--json", action="store_true", help="print all rows as JSON on the last line")
     args = parser.parse_args(argv)

