@@ -7,7 +7,9 @@ Lab half: collect a small oracle dataset on the test bed, fit a KVzap linear and
 policies (each scorer x a global tau / per-head taus calibrated to 50 % removed; window 16, sinks 4) write the
 press directory (:func:`kvzap_lab.kvpress.export_press`) and, on a fixed prompt (the kvpress golden's ids): the
 hidden states entering each attention layer, the lab's predictions on them shifted by the folded taus, and the
-pairs the lab's engine keeps after one prefill. kvpress half: for each policy, ``load_press(DIR)``; the exported
+pairs the lab's engine keeps after one prefill. kvpress half: the lab's own scorer checkpoints load in kvpress
+with no missing or unexpected key, predict as the lab does, and re-save byte for byte; for each policy,
+``load_press(DIR)``; the exported
 KVzapModel's outputs on the same hidden states equal the lab's to 1e-5, and one prefill of the same ids under the
 press masks exactly the pairs the lab's engine evicted (same count per layer and head, same positions).
 """
@@ -38,7 +40,7 @@ def lab_half(out: Path) -> None:
     from kvzap_lab.model import capture_attention_inputs, load_model
     from kvzap_lab.policies.kvzap_linear import KVzapLinear
     from kvzap_lab.policies.kvzap_mlp import KVzapMLP
-    from kvzap_lab.policy import Policy, Threshold, calibrate
+    from kvzap_lab.policy import Policy, calibrate
 
     with tempfile.TemporaryDirectory() as tmp:
         collect(["--n-sequences", "8", "--context-tokens", "128", "--tokens-per-sequence", "48", "--out", tmp])
@@ -51,6 +53,8 @@ def lab_half(out: Path) -> None:
     tensors, cases = {"ids": ids, "X": X.contiguous()}, []
     for kind, scorer in (("linear", KVzapLinear()), ("mlp", KVzapMLP(width=16, epochs=3))):
         scorer.fit(data.X_train, data.y_train, manifest=data.manifest)
+        scorer.save(out / f"{kind}_scorer")  # the lab's own checkpoint, as train writes it
+        tensors[f"{kind}_scorer.scores"] = scorer.predict(X).contiguous()
         held_out = scorer.predict(data.X_test)
         for per in ("global", "head"):
             name = f"{kind}_{per}"
@@ -78,6 +82,8 @@ def kvpress_half(out: Path) -> int:
     from transformers import AutoModelForCausalLM, DynamicCache
     from transformers.utils import logging
 
+    from kvpress.presses.kvzap_press import KVzapModel
+
     from kvzap_lab.kvpress import load_press
 
     logging.disable_progress_bar()
@@ -86,6 +92,17 @@ def kvpress_half(out: Path) -> int:
     expected = load_file(out / "expected.safetensors")
     ids, X = expected["ids"], expected["X"]
     failures = []
+    for kind in ("linear", "mlp"):  # the lab's checkpoints load in kvpress whole, predict alike, re-save unchanged
+        scorer_dir = out / f"{kind}_scorer"
+        kvzap_model, info = KVzapModel.from_pretrained(scorer_dir, output_loading_info=True)
+        with torch.no_grad():
+            gap = (kvzap_model.eval()(X) - expected[f"{kind}_scorer.scores"]).abs().max().item()
+        kvzap_model.save_pretrained(out / f"{kind}_resaved")
+        same_file = (scorer_dir / "model.safetensors").read_bytes() == (out / f"{kind}_resaved" / "model.safetensors").read_bytes()
+        print(f"kvpress loads the lab's {kind} checkpoint: {info}; max |kvpress - lab| = {gap:.2e}; re-saved "
+              f"{'byte for byte' if same_file else 'DIFFERENTLY'}")
+        if any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")) or gap > ATOL or not same_file:
+            failures.append(f"{kind} scorer checkpoint: loading info {info}, gap {gap:.2e}, re-saved identically: {same_file}")
     for name in json.loads((out / "cases.json").read_text()):
         press = load_press(out / name)
         with torch.no_grad():
