@@ -147,7 +147,7 @@ def kvzap_state(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, t
     for i, (W, b) in enumerate(weights):
         for layer in range(W.shape[0]):
             key = kvzap_key(layer, i, depth)
-            state[f"{key}.weight"], state[f"{key}.bias"] = W[layer].float(), b[layer].float()
+            state[f"{key}.weight"], state[f"{key}.bias"] = W[layer].float().clone(), b[layer].float().clone()
     return state
 
 
