@@ -4,12 +4,15 @@ held-out metrics, FLOPs, and tying a trained scorer to the model it was trained 
 A trainable scorer maps the hidden state entering each attention layer to one predicted log KVzip+ score per
 KV head: ``fit(X [n, layers, hidden], y [n, layers, kv_heads])``, ``predict(X) -> y`` (numpy or torch in,
 same type out), and ``score(hidden [b, t, hidden], layer) -> [b, kv_heads, t]`` for the eviction engine.
-Subclasses implement ``_fit(X, y)``, ``_predict_layer(x [m, hidden] float32 tensor, layer) -> [m, kv_heads]``,
-``flops_per_token()``, and ``_config()``/``_state()``/``_set_state(config, tensors)`` for :mod:`kvzap_lab.checkpoint`.
+Subclasses declare ``param_ranges`` (every constructor parameter and its valid :class:`Interval`: ``fit`` and a
+checkpoint load refuse anything else before any work) and implement ``_fit(X, y)``, ``_predict_layer(x [m, hidden]
+float32 tensor, layer) -> [m, kv_heads]``, ``flops_per_token()``, ``_learned_shapes()`` and
+``_config()``/``_state()``/``_set_state(config, tensors, path)`` for :mod:`kvzap_lab.checkpoint`.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
@@ -28,6 +31,43 @@ MANIFEST_KEYS = ("model_fingerprint", "n_layers", "hidden_size", "n_kv_heads")
 
 class ModelMismatchError(ValueError):
     """A scorer, dataset or checkpoint was made for another model (fingerprint or shapes differ)."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The valid values of one scorer parameter: ``kind`` (int, float or bool) within ``[low, high]`` (an end is
+    excluded when ``low_open`` / ``high_open``); floats must be finite; ``none`` also accepts ``None``."""
+
+    kind: type
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    none: bool = False
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            text = "a bool"
+        else:
+            text = f"{'an int' if self.kind is int else 'a finite float'}"
+            if math.isinf(self.high):
+                text += f" {'>' if self.low_open else '>='} {self.low:g}" if not math.isinf(self.low) else ""
+            else:
+                text += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return f"None or {text}" if self.none else text
+
+    def contains(self, value) -> bool:
+        if value is None:
+            return self.none
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer) if self.kind is int else (int, float, np.integer, np.floating)):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
 
 
 @dataclass
@@ -144,10 +184,19 @@ class TrainableScorer(BaseEstimator):
     policy_name: ClassVar[str]
     accumulates_attention: ClassVar[bool] = False
     default_rule: ClassVar[Threshold] = Threshold()
+    param_ranges: ClassVar[dict[str, Interval]]
+
+    def _check_params(self) -> None:
+        """Raise a ValueError naming the first parameter outside its valid range (see ``param_ranges``)."""
+        for name, value in self.get_params().items():
+            valid = self.param_ranges[name]
+            if not valid.contains(value):
+                raise ValueError(f"{type(self).__name__}: {name} must be {valid.describe()}; got {value!r}")
 
     def fit(self, X, y, *, manifest: dict | None = None):
         """Fit on ``X [n, layers, hidden]``, ``y [n, layers, kv_heads]``; ``manifest`` (from the dataset) ties the
-        scorer to its model."""
+        scorer to its model. Validates the parameters first; returns ``self``."""
+        self._check_params()
         X, y = check_training_data(X, y, manifest)
         self.trained_for_ = {"model_fingerprint": model_facts(manifest).get("model_fingerprint")} | dict(
             n_layers=X.shape[1], hidden_size=X.shape[2], n_kv_heads=y.shape[2]
@@ -189,6 +238,29 @@ class TrainableScorer(BaseEstimator):
             )
         if not 0 <= layer < meta["n_layers"]:
             raise ValueError(f"layer {layer} out of range: the scorer has {meta['n_layers']} layers")
+
+    def _learned_shapes(self) -> dict:
+        """``{n_layers, n_kv_heads}`` and, where the learned state fixes it, ``hidden_size`` (or its lower bound
+        ``min_hidden_size``), read from the learned attributes."""
+        raise NotImplementedError
+
+    def _check_trained_for(self, trained_for, where) -> None:
+        """Raise a CheckpointError naming ``where`` unless ``trained_for`` holds the model facts and they fit the
+        learned state (set by ``_set_state``)."""
+        from kvzap_lab.checkpoint import CheckpointError
+
+        if not isinstance(trained_for, dict):
+            raise CheckpointError(f"{where}: no trained_for entry with {', '.join(MANIFEST_KEYS[1:])}")
+        for key in MANIFEST_KEYS[1:]:
+            value = trained_for.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{where}: trained_for.{key} must be an int >= 1; got {value!r}")
+        shapes = self._learned_shapes()
+        wrong = [f"{k} {trained_for[k]} vs {v} in the weights" for k, v in shapes.items() if k in trained_for and trained_for[k] != v]
+        if shapes.get("min_hidden_size", 0) > trained_for["hidden_size"]:
+            wrong.append(f"hidden_size {trained_for['hidden_size']} vs features up to {shapes['min_hidden_size'] - 1} in the weights")
+        if wrong:
+            raise CheckpointError(f"{where} does not fit its weights: {'; '.join(wrong)}")
 
     def check_model(self, model) -> None:
         """Raise :class:`ModelMismatchError` unless ``model`` is the one (or has the shapes) this scorer was trained for."""

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from kvzap_lab import io
+from kvzap_lab import cli, io
 from kvzap_lab.policy import resolve_policy
 from kvzap_lab.surrogate import TrainableScorer, check_training_data, projection_flops_per_token, r2_spearman_mse
 
@@ -35,14 +36,24 @@ def evaluate(scorer: TrainableScorer, X_test, y_test) -> dict:
     return {k: float(np.mean(v)) for k, v in per_layer.items()} | {"per_layer": per_layer}
 
 
+def make_scorer(policy: str, params: dict | None = None) -> TrainableScorer:
+    """The unfitted trainable scorer ``policy`` with ``params``, its parameters validated (ValueError otherwise)."""
+    factory = resolve_policy(policy)
+    if not (isinstance(factory, type) and issubclass(factory, TrainableScorer)):
+        raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, gbdt (kvzap_linear, kvzap_mlp)")
+    try:
+        scorer = factory(**(params or {}))
+    except TypeError as err:
+        raise ValueError(f"{err}; parameters of {policy!r}: {', '.join(inspect.signature(factory).parameters)}") from None
+    scorer._check_params()
+    return scorer
+
+
 def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=None) -> tuple[TrainableScorer, dict]:
     """Fit the trainable scorer ``policy`` with ``params`` on ``dataset`` (X/y train/test + manifest); return it with
     its held-out metrics, training seconds, FLOPs per token, and (with ``model``) the FLOPs ratio to the model's
     linear projections."""
-    factory = resolve_policy(policy)
-    if not (isinstance(factory, type) and issubclass(factory, TrainableScorer)):
-        raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, gbdt (kvzap_linear, kvzap_mlp)")
-    scorer = factory(**(params or {}))
+    scorer = make_scorer(policy, params)
     start = time.perf_counter()
     scorer.fit(dataset.X_train, dataset.y_train, manifest=dataset.manifest)
     summary = {"policy": scorer.policy_name, "params": scorer.get_params(), "train_seconds": time.perf_counter() - start}
@@ -86,7 +97,7 @@ def _parse_params(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set takes key=value (e.g. --set width=32); got {item!r}")
+            raise ValueError(f"--set takes key=value (e.g. --set width=32); got {item!r}")
         try:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -105,7 +116,7 @@ def _report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.train", description=__doc__.split("\n")[0])
     parser.add_argument("--policy", required=True, help="trainable policy: linear, mlp, gbdt (or a registered name)")
     parser.add_argument("--data", required=True, help="oracle dataset directory (kvzap_lab.data)")
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = _parse_params(args.set)
     if "verbose" in inspect.signature(resolve_policy(args.policy)).parameters:
         params.setdefault("verbose", True)  # tqdm progress on the command line
+    make_scorer(args.policy, params)  # bad parameters fail here, before any data is read
     model = None
     if args.model:
         from kvzap_lab.model import load_model
@@ -135,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(_report(summary))
     if args.json:
         print(json.dumps(summary))
-    return summary
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, prog="python -m kvzap_lab.train"))

@@ -4,6 +4,11 @@ Neither sklearn nor LightGBM fits multi-output targets, so each (layer, head) ge
 seeded subset of rows (``max_rows``) with feature subsampling per split (``max_features``) so training takes
 minutes. After fitting, the trees are flattened into plain arrays (feature, threshold, children, leaf value),
 saved as safetensors (never pickled) and evaluated by a vectorised traversal of all trees at once.
+
+scikit-learn has no public API for the structure of histogram-boosted trees (``GradientBoostingRegressor``'s
+public ``tree_`` arrays come with exact splits, ~8x slower to fit here), so :func:`flatten_trees` reads the
+fitted predictors' node records: the one place that does, checked field by field, for the scikit-learn range
+pinned in pyproject.toml (tested on 1.9). Only fitting touches scikit-learn; a saved scorer needs numpy alone.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvzap_lab.checkpoint import CheckpointError
 from kvzap_lab.policy import register_policy
-from kvzap_lab.surrogate import TrainableScorer
+from kvzap_lab.surrogate import Interval, TrainableScorer
 
 _TREE_FIELDS = ("feature", "threshold", "left", "right", "is_leaf", "value")
+# scikit-learn's node record fields that flatten_trees reads (sklearn.ensemble._hist_gradient_boosting)
+_SKLEARN_NODE_FIELDS = ("feature_idx", "num_threshold", "left", "right", "is_leaf", "value")
 
 
 def flatten_trees(estimators: list[HistGradientBoostingRegressor]) -> dict[str, np.ndarray]:
@@ -26,8 +34,7 @@ def flatten_trees(estimators: list[HistGradientBoostingRegressor]) -> dict[str, 
     roots, offset = [], 0
     for est in estimators:
         head_roots = []
-        for (predictor,) in est._predictors:
-            rec = predictor.nodes
+        for rec in _node_records(est):
             head_roots.append(offset)
             nodes["feature"].append(rec["feature_idx"].astype(np.int64))
             nodes["threshold"].append(rec["num_threshold"].astype(np.float64))
@@ -43,6 +50,26 @@ def flatten_trees(estimators: list[HistGradientBoostingRegressor]) -> dict[str, 
     flat["roots"] = np.asarray(roots, dtype=np.int64)
     flat["baseline"] = np.asarray([float(np.ravel(est._baseline_prediction)[0]) for est in estimators])
     return flat
+
+
+def _node_records(est: HistGradientBoostingRegressor) -> list[np.ndarray]:
+    """The node record array of each tree of a fitted single-output model (scikit-learn internals, checked)."""
+    import sklearn
+
+    try:
+        records = [predictors[0].nodes for predictors in est._predictors]
+        baseline = est._baseline_prediction
+    except AttributeError as err:
+        raise RuntimeError(f"scikit-learn {sklearn.__version__} changed its boosted-tree internals ({err}); "
+                           "install the version range that pyproject.toml pins") from None
+    for rec in records:
+        absent = [f for f in _SKLEARN_NODE_FIELDS if f not in (rec.dtype.names or ())]
+        if absent:
+            raise RuntimeError(f"scikit-learn {sklearn.__version__} tree nodes lack {absent}; install the version "
+                               "range that pyproject.toml pins")
+    if np.size(baseline) != 1:
+        raise RuntimeError(f"expected one baseline per single-output model; got shape {np.shape(baseline)}")
+    return records
 
 
 def predict_trees(trees: dict[str, np.ndarray], x: np.ndarray, chunk: int = 8192) -> np.ndarray:
@@ -66,6 +93,19 @@ class GBDTScorer(TrainableScorer):
     threads (one avoids the huge slowdowns of OpenMP on busy machines; raise it on a dedicated many-core box)."""
 
     policy_name = "gbdt"
+    param_ranges = {
+        "max_iter": Interval(int, 1),
+        "learning_rate": Interval(float, 0.0, low_open=True),
+        "max_leaf_nodes": Interval(int, 2),
+        "max_depth": Interval(int, 1, none=True),
+        "min_samples_leaf": Interval(int, 1),
+        "l2_regularization": Interval(float, 0.0),
+        "max_features": Interval(float, 0.0, 1.0, low_open=True),
+        "max_rows": Interval(int, 1),
+        "seed": Interval(int, 0),
+        "n_threads": Interval(int, 1, none=True),
+        "verbose": Interval(bool),
+    }
 
     def __init__(
         self,
@@ -129,18 +169,44 @@ class GBDTScorer(TrainableScorer):
             total += trees["roots"].size * depth
         return total
 
+    def _learned_shapes(self) -> dict:
+        used = max(int(trees["feature"][~trees["is_leaf"]].max(initial=-1)) for trees in self.trees_)
+        return {"n_layers": len(self.trees_), "n_kv_heads": self.trees_[0]["roots"].shape[0], "min_hidden_size": used + 1}
+
     def _config(self) -> dict:
         return {"model_type": "kvzap_lab_gbdt", "n_modules": len(self.trees_)}
 
     def _state(self) -> dict[str, np.ndarray]:
         return {f"layer{layer}.{k}": v for layer, trees in enumerate(self.trees_) for k, v in trees.items()}
 
-    def _set_state(self, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    def _set_state(self, config: dict, tensors: dict, path) -> None:
+        weights_path = path / "model.safetensors"
+        n = config.get("n_modules")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise CheckpointError(f"{path / 'config.json'}: n_modules must be an int >= 1; got {n!r}")
         keys = _TREE_FIELDS + ("roots", "baseline")
-        try:
-            self.trees_ = [{k: tensors[f"layer{layer}.{k}"] for k in keys} for layer in range(config["n_modules"])]
-        except KeyError as err:
-            raise ValueError(f"boosted-tree checkpoint lacks tensor {err}") from None
+        expected = {f"layer{layer}.{k}" for layer in range(n) for k in keys}
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise CheckpointError(f"{weights_path} does not fit n_modules {n}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        trees = [{k: tensors[f"layer{layer}.{k}"].numpy() for k in keys} for layer in range(n)]
+        for layer, t in enumerate(trees):
+            _check_trees(t, f"{weights_path} (layer {layer})")
+        if len({t["roots"].shape[0] for t in trees}) != 1:
+            raise CheckpointError(f"{weights_path}: the layers have different numbers of KV heads")
+        self.trees_ = trees
+
+
+def _check_trees(trees: dict[str, np.ndarray], where: str) -> None:
+    """Raise a CheckpointError unless the flat arrays form trees that :func:`predict_trees` can walk."""
+    n = len(trees["feature"])
+    if any(trees[k].shape != (n,) for k in _TREE_FIELDS) or trees["roots"].ndim != 2 or trees["baseline"].shape != trees["roots"].shape[:1]:
+        raise CheckpointError(f"{where}: tree arrays of inconsistent shapes")
+    inner = ~trees["is_leaf"].astype(bool)
+    nodes = np.arange(n)
+    children_ok = all(((trees[k][inner] > nodes[inner]) & (trees[k][inner] < n)).all() for k in ("left", "right"))
+    if not (children_ok and (trees["feature"][inner] >= 0).all() and ((trees["roots"] >= 0) & (trees["roots"] < n)).all()):
+        raise CheckpointError(f"{where}: tree arrays point outside their nodes (corrupted)")
 
 
 def _max_depth(trees: dict[str, np.ndarray]) -> int:

@@ -4,7 +4,8 @@ AdamW, cosine schedule, gradient clipping, batch 512 (the paper's recipe). All l
 batched einsum; each layer keeps its own best epoch on a validation split carved from the training data
 (early stopping when no layer improved for ``patience`` epochs). Inputs and targets are standardised during
 training and the scaling is folded back into the first and last linear maps, so the result is a plain
-Linear-GELU-Linear per layer in NVIDIA's KVzap layout (``depth`` > 1 stacks more hidden layers).
+Linear-GELU-Linear per layer, kvpress's ``KVzapModel`` module exactly (``depth`` > 1 stacks more hidden layers;
+kvpress has no such model).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from kvzap_lab.policies.kvzap_linear import KVzapLinear
 from kvzap_lab.policy import register_policy
+from kvzap_lab.surrogate import Interval
 
 
 def _forward_all_layers(weights: list, x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +41,20 @@ class KVzapMLP(KVzapLinear):
     ``n_threads`` caps the thread count while training (``None``: the process's torch setting)."""
 
     policy_name = "kvzap_mlp"
+    param_ranges = {
+        "width": Interval(int, 1, none=True),
+        "depth": Interval(int, 1),
+        "lr": Interval(float, 0.0, low_open=True),
+        "weight_decay": Interval(float, 0.0),
+        "epochs": Interval(int, 1),
+        "batch_size": Interval(int, 1),
+        "grad_clip": Interval(float, 0.0, low_open=True),
+        "validation_fraction": Interval(float, 0.0, 1.0, low_open=True, high_open=True),
+        "patience": Interval(int, 1),
+        "seed": Interval(int, 0),
+        "n_threads": Interval(int, 1, none=True),
+        "verbose": Interval(bool),
+    }
 
     def __init__(
         self,
@@ -78,11 +94,6 @@ class KVzapMLP(KVzapLinear):
         return weights
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        if self.depth < 1 or not 0 < self.validation_fraction < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"need depth >= 1, 0 < validation_fraction < 1, batch_size >= 1; got depth={self.depth}, "
-                f"validation_fraction={self.validation_fraction}, batch_size={self.batch_size} (depth 0 is KVzapLinear)"
-            )
         n, n_layers, hidden = X.shape
         width = self.width or max(1, hidden // 8)
         generator = torch.Generator().manual_seed(self.seed)

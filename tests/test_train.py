@@ -5,14 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from sklearn.base import clone
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import Ridge
-from torch import nn
 
+from kvzap_lab import cli
 from kvzap_lab import train as train_mod
-from kvzap_lab.checkpoint import load_scorer
 from kvzap_lab.model import describe, fingerprint, random_tiny_model
 from kvzap_lab.policies.gbdt import GBDTScorer, flatten_trees, predict_trees
 from kvzap_lab.policies.kvzap_linear import KVzapLinear
@@ -110,46 +108,6 @@ def test_save_load_roundtrip_without_pickle(tmp_path, data, name, params):
     assert loaded.trained_for_["model_fingerprint"] == "synthetic-model"
 
 
-class KVzapReference(nn.Module):
-    """The module layout of NVIDIA's KVzapModel (kvpress): one Linear or Linear-GELU-Linear per layer."""
-
-    def __init__(self, input_dim, output_dim, hidden_dim, n_modules):
-        super().__init__()
-        make = (lambda: nn.Linear(input_dim, output_dim)) if hidden_dim is None else (
-            lambda: nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, output_dim)))
-        self.module_list = nn.ModuleList(make() for _ in range(n_modules))
-
-    def forward(self, x):
-        return torch.stack([m(x[:, i]) for i, m in enumerate(self.module_list)], dim=1)
-
-
-@pytest.mark.parametrize("hidden_dim", [None, 6])
-def test_kvzap_checkpoint_format_both_ways(tmp_path, data, hidden_dim):
-    x = torch.from_numpy(data.X_test)
-    # ours -> theirs: strict state-dict load into the kvpress layout gives the same outputs
-    ours = (KVzapLinear() if hidden_dim is None else KVzapMLP(**FAST_MLP | {"width": hidden_dim})).fit(data.X_train, data.y_train)
-    ours.save(tmp_path / "ours")
-    config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert config["model_type"] == "kvzap"
-    assert {k: config[k] for k in ("input_dim", "output_dim", "hidden_dim", "n_modules")} == dict(
-        input_dim=HIDDEN, output_dim=KV_HEADS, hidden_dim=hidden_dim, n_modules=N_LAYERS)
-    theirs = KVzapReference(HIDDEN, KV_HEADS, hidden_dim, N_LAYERS)
-    theirs.load_state_dict(load_file(tmp_path / "ours" / "model.safetensors"), strict=True)
-    with torch.no_grad():
-        np.testing.assert_allclose(theirs(x).numpy(), ours.predict(data.X_test), atol=1e-4)
-    # theirs -> ours: an official checkpoint (no kvzap_lab entry) loads and predicts like the module
-    official = KVzapReference(HIDDEN, KV_HEADS, hidden_dim, N_LAYERS)
-    (tmp_path / "official").mkdir()
-    save_file(official.state_dict(), tmp_path / "official" / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "official" / "config.json").write_text(json.dumps(
-        {"model_type": "kvzap", "architectures": ["KVzapModel"], "input_dim": HIDDEN, "output_dim": KV_HEADS,
-         "hidden_dim": hidden_dim, "n_modules": N_LAYERS}))
-    loaded = load_scorer(tmp_path / "official")
-    assert isinstance(loaded, KVzapLinear if hidden_dim is None else KVzapMLP)
-    with torch.no_grad():
-        np.testing.assert_allclose(loaded.predict(x).numpy(), official(x).numpy(), atol=1e-5)
-
-
 def test_bad_training_data_is_rejected(data):
     X, y = data.X_train[:200].copy(), data.y_train[:200].copy()
     X[3, 1, 5] = np.nan
@@ -198,7 +156,7 @@ def test_flops_ratio_is_analytic():
 def test_train_cli(tmp_path, monkeypatch, capsys, data):
     monkeypatch.setattr(train_mod, "_load_dataset", lambda path, model=None: data)
     out = tmp_path / "run"
-    train_mod.main(["--policy", "mlp", "--data", "unused", "--out", str(out), "--set", "epochs=10", "--set", "width=16", "--set", "batch_size=128", "--json"])
+    assert 0 == train_mod.main(["--policy", "mlp", "--data", "unused", "--out", str(out), "--set", "epochs=10", "--set", "width=16", "--set", "batch_size=128", "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary["policy"] == "kvzap_mlp" and summary["params"]["width"] == 16 and summary["params"]["epochs"] == 10
@@ -236,3 +194,58 @@ def test_train_cli_on_a_collected_dataset(tmp_path):
     assert scorer.trained_for_["model_fingerprint"] == fingerprint(model)
     with pytest.raises(ModelMismatchError):
         scorer.check_model(random_tiny_model("llama", seed=0, hidden_size=128, num_hidden_layers=4))
+
+
+INVALID_PARAMS = [
+    ("linear", "alpha", float("inf"), "KVzapLinear: alpha must be a finite float >= 0; got inf"),
+    ("linear", "alpha", float("nan"), "alpha must be a finite float >= 0; got nan"),
+    ("linear", "alpha", -1.0, "alpha must be a finite float >= 0; got -1.0"),
+    ("mlp", "epochs", 0, "KVzapMLP: epochs must be an int >= 1; got 0"),
+    ("mlp", "epochs", -1, "epochs must be an int >= 1; got -1"),
+    ("mlp", "epochs", 2.5, "epochs must be an int >= 1; got 2.5"),
+    ("mlp", "lr", 0.0, r"lr must be a finite float > 0; got 0.0"),
+    ("mlp", "lr", float("inf"), r"lr must be a finite float > 0; got inf"),
+    ("mlp", "width", 0, "width must be None or an int >= 1; got 0"),
+    ("mlp", "depth", 0, "depth must be an int >= 1; got 0"),
+    ("mlp", "batch_size", 0, "batch_size must be an int >= 1; got 0"),
+    ("mlp", "grad_clip", -1.0, "grad_clip must be a finite float > 0"),
+    ("mlp", "validation_fraction", 1.0, r"validation_fraction must be a finite float in \(0, 1\); got 1.0"),
+    ("mlp", "seed", -1, "seed must be an int >= 0; got -1"),
+    ("mlp", "verbose", "yes", "verbose must be a bool; got 'yes'"),
+    ("gbdt", "max_iter", 0, "GBDTScorer: max_iter must be an int >= 1; got 0"),
+    ("gbdt", "learning_rate", float("inf"), "learning_rate must be a finite float > 0; got inf"),
+    ("gbdt", "max_features", 1.5, r"max_features must be a finite float in \(0, 1\]; got 1.5"),
+    ("gbdt", "max_depth", 0, "max_depth must be None or an int >= 1; got 0"),
+    ("gbdt", "max_leaf_nodes", 1, "max_leaf_nodes must be an int >= 2; got 1"),
+    ("gbdt", "l2_regularization", -0.5, "l2_regularization must be a finite float >= 0"),
+    ("gbdt", "max_rows", True, "max_rows must be an int >= 1; got True"),
+]
+
+
+@pytest.mark.parametrize("policy, name, value, message", INVALID_PARAMS, ids=[f"{p}-{n}={v}" for p, n, v, _ in INVALID_PARAMS])
+def test_invalid_parameters_are_refused_before_any_work(data, policy, name, value, message):
+    X = data.X_train[:50].copy()
+    X[0, 0, 0] = np.nan  # data validation would fail too: the parameters are checked first
+    scorer = get_policy(policy, **{name: value}).scorer
+    with pytest.raises(ValueError, match=message):
+        scorer.fit(X, data.y_train[:50])
+    assert not hasattr(scorer, "trained_for_")
+
+
+def test_train_cli_refuses_bad_parameters_with_exit_2(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kvzap_lab.train", "--policy", "linear", "--set", "alpha=Infinity",
+                           "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["python -m kvzap_lab.train: error: KVzapLinear: alpha must be a finite float >= 0; got inf"]
+    for argv, message in [
+        (["--policy", "mlp", "--set", "epochs=-1"], "KVzapMLP: epochs must be an int >= 1; got -1"),
+        (["--policy", "mlp", "--set", "widht=8"], "unexpected keyword argument 'widht'; parameters of 'mlp': width, depth"),
+        (["--policy", "mlp", "--set", "width"], "--set takes key=value"),
+    ]:
+        assert cli.run(train_mod.main, argv + ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
