@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 ENTRY_POINT_GROUP = "kvzap_lab.policies"
+FILE_MODULE_PREFIX = "kvzap_lab_user_policy_"  # sys.modules names of policy files loaded by path
 DEFAULT_WINDOW = 32  # the test bed's contexts are short; KVzap uses 128 on 8B models
 DEFAULT_SINKS = 4
 DEFAULT_BUDGET = 64  # TopK pairs per KV head beyond sinks and window
@@ -251,7 +252,7 @@ def _from_file(spec: str) -> Callable[..., Scorer]:
     path = Path(path_str)
     if not path.is_file():
         raise FileNotFoundError(f"policy file {path} does not exist (expected path/to/file.py:ClassName)")
-    module_name = f"kvzap_lab_user_policy_{path.stem}_{abs(hash(path.resolve()))}"
+    module_name = f"{FILE_MODULE_PREFIX}{path.stem}_{abs(hash(path.resolve()))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module

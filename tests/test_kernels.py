@@ -210,8 +210,8 @@ if not INTERPRETED:
         score_and_threshold(torch.randn(3, D), make_weights(mlp=False), 0.0)
         assert calls == ["compact", "score"] and not kernels.uses_triton(torch.zeros(1))
 
-    def test_triton_kernels_under_interpreter():
-        pytest.importorskip("triton", reason="the optional dependency triton is not installed")
+    def test_triton_kernels_under_interpreter(need):
+        need("triton")
         if kernels.triton is not None:  # the CPU refusal only exists where triton is there
             with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
                 kernels.compact_triton(*make_layer())
@@ -241,10 +241,11 @@ if not INTERPRETED:
 
     @pytest.mark.slow
     @pytest.mark.parametrize("case", list(COMPILE_CASES))
-    def test_kernels_compile_for_a_gpu_without_one(case, tmp_path, monkeypatch):
+    def test_kernels_compile_for_a_gpu_without_one(case, tmp_path, monkeypatch, need):
         """Ahead-of-time compilation for sm_90 (Triton ships ptxas): catches what the interpreter lets through
         (types of loop-carried values, tl.dot shape limits, stores that need casts)."""
-        triton = pytest.importorskip("triton", reason="the optional dependency triton is not installed")
+        need("triton")
+        import triton
         from triton.backends.compiler import GPUTarget
 
         monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
