@@ -6,20 +6,24 @@
 
 Each cell (policy, setting, task, context length) greedily generates the answers of ``--n-samples`` seeded
 samples in batches (left padding, chunked prefill, eviction during prefill and decoding) and records the
-exact-match accuracy (:func:`kvzap_lab.tasks.score_answer`; token accuracy for ``copy``), the achieved
-compression (fraction of KV pairs evicted over prompt and generated tokens) and the bytes the compacted cache
-held relative to a full cache. Settings: ``tau`` for policies whose rule is a threshold (the oracle, the
+accuracy with its 95 % Wilson interval (:mod:`kvzap_lab.stats`), the achieved compression (fraction of KV pairs
+evicted over prompt and generated tokens), the bytes the compacted cache held relative to a full cache, and the
+wall time. Samples and scores come from :mod:`kvzap_lab.tasks`: on the test bed, exact match (token accuracy
+for ``copy``), each row stopping at its first wrong token; on a chat model, RULER's scoring (the expected
+answers contained in the output), each row stopping at the tokenizer's end of turn or at a budget that fits the
+answer. Settings: ``tau`` for policies whose rule is a threshold (the oracle, the
 KVzap scorers; with ``--tau-offsets=a,b,...`` layer l uses ``tau`` plus its offset, as the study's rule does), ``keep_ratio`` (a per-head :class:`~kvzap_lab.policy.TopK` budget of ``keep_ratio`` times
 the context length) for the training-free baselines, nothing for ``full`` (full cache). A policy is ``NAME`` or ``NAME@CHECKPOINT_DIR`` (a trained scorer).
 
 Results go to a JSON-lines file, rewritten atomically after every cell; a rerun skips the cells already there
-(same model, samples and seed), so an interrupted run resumes. A table is printed, accuracy against
+(same model, options and samples: a digest of the samples is part of the key), so an interrupted run resumes. A table is printed, accuracy against
 compression is plotted per policy (PNG next to the JSON lines), and ``--json`` ends with one summary line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -38,6 +42,7 @@ from kvzap_lab.engine import DEFAULT_CHUNK, generate
 from kvzap_lab.model import describe, fingerprint, load_model
 from kvzap_lab.oracle import score_contexts
 from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, Policy, Threshold, TopK, get_policy, resolve_policy
+from kvzap_lab.stats import format_interval, wilson_interval
 
 FULL = "full"
 DEFAULT_POLICIES = (FULL, "oracle", "streaming_llm", "knorm", "accumulated_attention", "random")
@@ -135,29 +140,38 @@ def batches(samples: list[tasks.Sample], batch_size: int) -> list[list[tasks.Sam
 
 
 def run_cell(
-    model, policy: Policy | None, samples: list[tasks.Sample], eos_token_id: int, batch_size: int, chunk_size: int, tables=None
+    model, tokenizer, policy: Policy | None, samples: list[tasks.Sample], batch_size: int, chunk_size: int, tables=None
 ) -> dict:
-    """Accuracy, compression and bytes ratio of ``policy`` on ``samples`` (greedy, batched, stopping at
-    ``eos_token_id``); ``tables`` are the oracle tables of the batches, for a policy that takes them."""
+    """Accuracy, compression and bytes ratio of ``policy`` on ``samples``; ``tables`` are the oracle tables of the
+    batches, for a policy that takes them.
+
+    Generation is greedy and batched; each row stops at its sample's stop tokens or budget
+    (:attr:`~kvzap_lab.tasks.Sample.max_new_tokens`), and an exact-match sample (the test bed) also stops at
+    its first wrong token. Scores are :func:`kvzap_lab.tasks.score_answer`; the accuracy carries its 95 %
+    Wilson interval (``accuracy_low``, ``accuracy_high``).
+    """
     scores, compression, bytes_ratio = [], [], []
     for i, batch in enumerate(batches(samples, batch_size)):
         if tables is not None:
             policy.scorer.set_scores(tables[i])
-        exact = batch[0].task != "copy"
         out = generate(
             model,
             [s.input_ids for s in batch],
             policy,
-            max(len(s.answer_ids) for s in batch),
-            eos_token_id=eos_token_id,
+            max(s.max_new_tokens for s in batch),
+            eos_token_id=sorted({t for s in batch for t in s.stop_ids}),
             chunk_size=chunk_size,
-            expected=[s.answer_ids for s in batch] if exact else None,
+            expected=[s.answer_ids for s in batch] if all(s.stops_early for s in batch) else None,
         )
-        scores += [tasks.score_answer(s, ids) for s, ids in zip(batch, out.tokens)]
+        scores += [tasks.score_answer(s, ids, tokenizer) for s, ids in zip(batch, out.tokens)]
         compression += out.compression.per_row.tolist()
         bytes_ratio.append(out.bytes_held / out.full_bytes)
+    accuracy = statistics.fmean(scores)
+    low, high = wilson_interval(accuracy, len(scores))
     return {
-        "accuracy": statistics.fmean(scores),
+        "accuracy": accuracy,
+        "accuracy_low": low,
+        "accuracy_high": high,
         "compression": statistics.fmean(compression),
         "compression_min": min(compression),
         "compression_max": max(compression),
@@ -166,8 +180,17 @@ def run_cell(
 
 
 def _key(record: dict) -> str:
-    fields = ("model", "n_samples", "seed", "window", "sinks", "chunk_size", "policy", "setting", "task", "context_tokens")
-    return json.dumps([record[f] for f in fields])
+    fields = ("model", "n_samples", "seed", "window", "sinks", "chunk_size", "policy", "setting", "task", "context_tokens", "samples")
+    return json.dumps([record.get(f) for f in fields])
+
+
+def samples_digest(samples: list[tasks.Sample]) -> str:
+    """A short hash of what a cell's samples ask (prompts, references, budgets): part of the resume key, so a
+    change of the task suite or of the corpus recomputes a cell instead of reusing a stale one."""
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(json.dumps([s.input_ids, s.answer_ids, list(s.references), s.scoring, list(s.stop_ids), s.max_new_tokens]).encode())
+    return digest.hexdigest()[:16]
 
 
 def read_records(path: Path) -> list[dict]:
@@ -187,43 +210,51 @@ def write_records(path: Path, records: list[dict]) -> None:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean accuracy and compression per (policy, setting) over tasks and context lengths, sorted."""
+    """Accuracy (pooled over the samples of every task and context length, with its 95 % Wilson interval) and
+    mean compression per (policy, setting), sorted."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["policy"], json.dumps(r["setting"])), []).append(r)
-    rows = [
-        {
+    rows = []
+    for (policy, setting), group in groups.items():
+        n = sum(r["n_samples"] for r in group)
+        accuracy = sum(r["accuracy"] * r["n_samples"] for r in group) / n
+        low, high = wilson_interval(min(max(accuracy, 0.0), 1.0), n)
+        rows.append({
             "policy": policy,
             "setting": json.loads(setting),
-            "accuracy": statistics.fmean(r["accuracy"] for r in group),
+            "accuracy": accuracy,
+            "accuracy_low": low,
+            "accuracy_high": high,
             "compression": statistics.fmean(r["compression"] for r in group),
             "cells": len(group),
-        }
-        for (policy, setting), group in groups.items()
-    ]
+            "n_samples": n,
+        })
     return sorted(rows, key=lambda r: (r["policy"], r["compression"]))
 
 
 def format_table(records: list[dict]) -> str:
-    """A plain-text table of every cell, then the per-policy summary."""
-    head = f"{'policy':<34} {'task':<18} {'ctx':>5} {'n':>4} {'acc':>6} {'compr':>6} {'bytes':>6}"
+    """A plain-text table of every cell (accuracy with its 95 % Wilson interval), then the per-policy summary."""
+    head = f"{'policy':<34} {'task':<18} {'ctx':>5} {'n':>4} {'acc [95% CI]':>22} {'compr':>6} {'bytes':>6} {'s/sample':>8}"
     lines = [head, "-" * len(head)]
     for r in records:
         label = Cell(r["policy"], tuple(r["setting"].items()), r["task"], r["context_tokens"]).label()
+        per_sample = r["seconds"] / r["n_samples"]
         lines.append(
-            f"{label:<34} {r['task']:<18} {r['context_tokens']:>5} {r['n_samples']:>4} {r['accuracy']:>6.3f} "
-            f"{r['compression']:>6.3f} {r['bytes_ratio']:>6.3f}"
+            f"{label:<34} {r['task']:<18} {r['context_tokens']:>5} {r['n_samples']:>4} "
+            f"{format_interval(r['accuracy'], r['n_samples']):>22} {r['compression']:>6.3f} {r['bytes_ratio']:>6.3f} {per_sample:>8.2f}"
         )
-    lines += ["", f"{'policy (mean over tasks, lengths)':<34} {'acc':>6} {'compr':>6} {'x':>6}"]
+    lines += ["", f"{'policy (pooled over tasks, lengths)':<34} {'acc [95% CI]':>22} {'compr':>6} {'x':>6}"]
     for s in summarize(records):
         label = Cell(s["policy"], tuple(s["setting"].items()), "", 0).label()
         ratio = 1 / max(1 - s["compression"], 1e-9)
-        lines.append(f"{label:<34} {s['accuracy']:>6.3f} {s['compression']:>6.3f} {ratio:>6.2f}")
+        lines.append(f"{label:<34} {format_interval(s['accuracy'], s['n_samples']):>22} {s['compression']:>6.3f} {ratio:>6.2f}")
     return "\n".join(lines)
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """Accuracy against compression, one line per policy (mean over tasks and lengths); full cache dashed."""
+    """Accuracy against compression, one line per policy (pooled over tasks and lengths) with 95 % Wilson error
+    bars; the full cache is a dashed line in its interval's band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,12 +266,16 @@ def plot(records: list[dict], path: Path) -> None:
         by_policy.setdefault(s["policy"], []).append(s)
     for policy, points in by_policy.items():
         if policy == FULL:
-            ax.axhline(points[0]["accuracy"], color="black", linestyle="--", label="full cache")
+            full = points[0]
+            ax.axhline(full["accuracy"], color="black", linestyle="--", label="full cache")
+            ax.axhspan(full["accuracy_low"], full["accuracy_high"], color="black", alpha=0.08)
             continue
         points = sorted(points, key=lambda p: p["compression"])
-        ax.plot([p["compression"] for p in points], [p["accuracy"] for p in points], marker="o", label=policy)
+        accuracy = [p["accuracy"] for p in points]
+        errors = [[a - p["accuracy_low"] for a, p in zip(accuracy, points)], [p["accuracy_high"] - a for a, p in zip(accuracy, points)]]
+        ax.errorbar([p["compression"] for p in points], accuracy, yerr=errors, marker="o", capsize=3, label=policy)
     ax.set_xlabel("compression (fraction of KV pairs evicted)")
-    ax.set_ylabel("accuracy (exact match)")
+    ax.set_ylabel("accuracy (95 % Wilson interval)")
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -271,27 +306,56 @@ def cells_for(
     return out
 
 
-def evaluate(model, tokenizer, grid: list[tuple[Cell, Path | None]], options: Options, out: Path, batch_size: int, progress: bool = True) -> list[dict]:
-    """Run every cell of ``grid`` not already in ``out`` (resume), writing ``out`` after each; returns the
-    records of the grid (old and new) in grid order."""
+def build_samples(model, tokenizer, grid: list[tuple[Cell, Path | None]], options: Options) -> dict[tuple[str, int], list[tasks.Sample]]:
+    """The samples of every (task, context length) of ``grid``; ValueError (one line) for samples that cannot be
+    built, e.g. a context longer than the model's window."""
+    max_positions = describe(model).max_positions
+    out: dict[tuple[str, int], list[tasks.Sample]] = {}
+    for cell, _ in grid:
+        key = (cell.task, cell.context_tokens)
+        if key not in out:
+            out[key] = tasks.make_samples(
+                cell.task, tokenizer, options.n_samples, cell.context_tokens, options.seed, max_positions=max_positions
+            )
+    return out
+
+
+def evaluate(
+    model, tokenizer, grid: list[tuple[Cell, Path | None]], options: Options, out: Path, batch_size: int,
+    progress: bool = True, samples: dict[tuple[str, int], list[tasks.Sample]] | None = None,
+) -> list[dict]:
+    """Run every cell of ``grid`` not already in ``out`` (resume), writing ``out`` after each.
+
+    Args:
+        model, tokenizer: what :func:`kvzap_lab.model.load_model` returns.
+        grid: the (cell, checkpoint) pairs of :func:`cells_for`.
+        options: what else decides a result (part of the resume key, with the cell and a digest of its samples).
+        out: the JSON-lines file, rewritten atomically after every cell.
+        batch_size: samples generated together.
+        progress: show a progress bar over the cells.
+        samples: the samples of :func:`build_samples` (built here when not given).
+    Returns:
+        the records of the grid (old and new) in grid order.
+    Raises:
+        ValueError: samples that cannot be built (e.g. a context longer than the model's window).
+    """
     records = read_records(out)
     done = {_key(r): r for r in records}
-    samples: dict[tuple[str, int], list[tasks.Sample]] = {}
+    samples = build_samples(model, tokenizer, grid, options) if samples is None else samples
     oracle_tables: dict[tuple[str, int], list[torch.Tensor]] = {}  # shared by the taus of the oracle
     results = []
     for cell, checkpoint in tqdm(grid, desc="cells", disable=not progress):
+        key = (cell.task, cell.context_tokens)
         record = asdict(options) | {
             "policy": cell.policy,
             "setting": dict(cell.setting),
             "task": cell.task,
             "context_tokens": cell.context_tokens,
+            "samples": samples_digest(samples[key]),
         }
         if _key(record) in done:
             results.append(done[_key(record)])
             continue
-        key = (cell.task, cell.context_tokens)
-        if key not in samples:
-            samples[key] = tasks.make_samples(cell.task, tokenizer, options.n_samples, cell.context_tokens, options.seed)
         name = cell.policy.partition("@")[0]
         policy = build_policy(name, checkpoint, cell.setting, cell.context_tokens, model, options.window, options.sinks)
         started = time.perf_counter()
@@ -300,9 +364,9 @@ def evaluate(model, tokenizer, grid: list[tuple[Cell, Path | None]], options: Op
             if key not in oracle_tables:
                 oracle_tables[key] = [oracle_table(model, tokenizer, b) for b in batches(samples[key], batch_size)]
             tables = oracle_tables[key]
-        end = tokenizer.convert_tokens_to_ids(tasks.END)
-        record |= run_cell(model, policy, samples[key], end, batch_size, options.chunk_size, tables)
+        record |= run_cell(model, tokenizer, policy, samples[key], batch_size, options.chunk_size, tables)
         record["seconds"] = round(time.perf_counter() - started, 2)
+        record["seconds_per_sample"] = round(record["seconds"] / options.n_samples, 3)
         records.append(record)
         done[_key(record)] = record
         write_records(out, records)
@@ -374,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON summary line")
     args = parser.parse_args(argv)
 
-    policies = [parse_policy(p) for p in args.policies]
-    model, tokenizer = load_model(args.model, device=args.device)
+    try:
+        policies = [parse_policy(p) for p in args.policies]
+        model, tokenizer = load_model(args.model, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     n_layers = describe(model).n_layers
     if args.tau_offsets is not None and len(args.tau_offsets) != n_layers:
         parser.error(f"--tau-offsets has {len(args.tau_offsets)} values; the model has {n_layers} layers (one offset per layer)")
@@ -384,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         chunk_size=args.chunk_size,
     )
     grid = cells_for(policies, args.taus, args.keep_ratios, args.tasks, args.context_tokens, args.tau_offsets)
-    records = evaluate(model, tokenizer, grid, options, args.out, args.batch_size, progress=not args.json)
+    try:
+        samples = build_samples(model, tokenizer, grid, options)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    records = evaluate(model, tokenizer, grid, options, args.out, args.batch_size, progress=not args.json, samples=samples)
     plot_path = args.plot or args.out.with_suffix(".png")
     plot(records, plot_path)
     print(format_table(records), file=sys.stderr if args.json else sys.stdout)

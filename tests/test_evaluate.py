@@ -10,6 +10,7 @@ import torch
 
 from kvzap_lab import evaluate, tasks
 from kvzap_lab.model import random_tiny_model
+from kvzap_lab.stats import wilson_interval
 from kvzap_lab.testbed import train_tokenizer
 
 
@@ -34,9 +35,10 @@ def test_cell_accuracy_is_exact_match_of_greedy_answers(model_dir):
     assert all(end not in row for row in free.tokens)
     # The model's own greedy continuation is the reference answer of samples 0 and 2, not of sample 1.
     answers = [free.tokens[0], [free.tokens[1][0] + 1] + free.tokens[1][1:], free.tokens[2]]
-    samples = [dataclasses.replace(s, answer_ids=a) for s, a in zip(samples, answers)]
-    result = evaluate.run_cell(model, None, samples, end, batch_size=2, chunk_size=16)
+    samples = [dataclasses.replace(s, answer_ids=a, max_new_tokens=len(a)) for s, a in zip(samples, answers)]
+    result = evaluate.run_cell(model, tokenizer, None, samples, batch_size=2, chunk_size=16)
     assert result["accuracy"] == pytest.approx(2 / 3)
+    assert (result["accuracy_low"], result["accuracy_high"]) == pytest.approx(wilson_interval(2 / 3, 3))
     assert result["compression"] == 0.0
 
 

@@ -1,4 +1,4 @@
-"""Seeded, RULER-like long-context tasks with exact-match scoring, built at the token level.
+"""The test bed's tasks: seeded, RULER-like, in the test bed's own synthetic vocabulary, built at the token level.
 
 Every task draws a context of ``context_tokens`` tokens (filler sentences with the task's facts scattered at
 random depths), asks one question about it, and records where the context sits in the prompt, which is the
@@ -22,18 +22,19 @@ As in RULER, the prompt ends with the start of the answer, restating the key (" 
 to"), and the model generates the value; the prefix is part of ``input_ids`` (after the context span).
 
 Scoring: exact match of the generated answer for every task but ``copy``, which is scored by token accuracy.
+These are the tasks of any tokenizer that holds the test bed's chat tokens (``SPECIAL_TOKENS``); other
+tokenizers get :mod:`kvzap_lab.tasks.natural`.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+
+from kvzap_lab.tasks.sample import TASKS, PieceEncoder, Sample, encoder
 
 USER, ASSISTANT, END, BOS, PAD = "<|user|>", "<|assistant|>", "<|end|>", "<|bos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, END, USER, ASSISTANT]
 COPY_INSTRUCTION = "repeat the previous context exactly ."
-
-TASKS = ("single_needle", "multi_key_needle", "multi_value", "kv_retrieval", "variable_tracking", "copy")
 
 COLORS = "red blue green black white yellow brown grey pink orange purple silver golden dark pale bright".split()
 ANIMALS = "cat dog fox owl bear wolf horse mouse frog duck goat sheep crow deer lion tiger".split()
@@ -64,28 +65,6 @@ FILLER_PATTERNS = (
 VOCABULARY = sorted(set(COLORS + ANIMALS + PLACES + VERBS + MOODS + TIMES + KEYS + VARIABLES))
 
 
-@dataclass
-class Sample:
-    """One task instance.
-
-    ``input_ids`` is the prompt to prefill (through the assistant header); ``context_span = (start, end)``
-    are token offsets of the context inside it; ``answer_ids`` the reference continuation (answer + <|end|>).
-    """
-
-    task: str
-    input_ids: list[int]
-    context_span: tuple[int, int]
-    question: str
-    answer: str
-    answer_ids: list[int]
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def context_ids(self) -> list[int]:
-        start, end = self.context_span
-        return self.input_ids[start:end]
-
-
 def filler_sentence(rng: random.Random) -> str:
     """One random low-information filler sentence."""
     pattern = rng.choice(FILLER_PATTERNS)
@@ -103,38 +82,6 @@ def filler_sentence(rng: random.Random) -> str:
 
 def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
-
-
-class PieceEncoder:
-    """Encodes text pieces with a per-piece cache (filler sentences repeat)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.cache: dict[str, list[int]] = {}
-
-    def __call__(self, piece: str) -> list[int]:
-        ids = self.cache.get(piece)
-        if ids is None:
-            ids = self.tokenizer.encode(piece, add_special_tokens=False)
-            self.cache[piece] = ids
-        return ids
-
-    def special(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(
-                f"tokenizer has no {token!r} token; the task suite needs the chat tokens {SPECIAL_TOKENS} "
-                "(the test-bed tokenizer has them)"
-            )
-        return token_id
-
-
-def _encoder(tokenizer) -> PieceEncoder:
-    cached = getattr(tokenizer, "_kvzap_task_encoder", None)
-    if cached is None:
-        cached = PieceEncoder(tokenizer)
-        tokenizer._kvzap_task_encoder = cached
-    return cached
 
 
 def build_context(
@@ -262,7 +209,7 @@ def encode_answer(encode: PieceEncoder, answer: str) -> list[int]:
     return encode(" " + answer) + [encode.special(END)]
 
 
-def make_samples(
+def make_synthetic_samples(
     task: str,
     tokenizer,
     n: int,
@@ -273,19 +220,14 @@ def make_samples(
     """``n`` samples of ``task`` with contexts of exactly ``context_tokens`` tokens; same seed, same samples.
 
     ``n_needles`` sets the needles of multi_key_needle / multi_value and the chain length of variable_tracking.
-    Raises ValueError for an unknown task or parameters that cannot fit.
+    Raises ValueError for parameters that cannot fit.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if context_tokens < 16:
-        raise ValueError(f"context_tokens must be at least 16, got {context_tokens}")
     if task in ("multi_key_needle", "multi_value") and not 1 <= n_needles <= len(KEYS):
         raise ValueError(f"n_needles must be between 1 and {len(KEYS)}, got {n_needles}")
     if task == "variable_tracking" and not 1 <= n_needles <= len(VARIABLES) // 2:
         raise ValueError(f"variable_tracking chains must be 1..{len(VARIABLES) // 2} long, got {n_needles}")
-    encode = _encoder(tokenizer)
+    encode = encoder(tokenizer)
+    end = encode.special(END)
     rng = random.Random(f"{task}:{seed}:{context_tokens}:{n_needles}")
     samples = []
     for _ in range(n):
@@ -293,23 +235,10 @@ def make_samples(
         input_ids, span = chat_prompt(encode, context, question)
         if "prefix" in meta:
             input_ids = input_ids + encode(" " + meta["prefix"])
-        if answer is None:  # copy: the answer is the context itself
-            answer_ids = list(context) + [encode.special(END)]
-            answer = tokenizer.decode(context)
+        if answer is None:  # copy: the answer is the context itself, scored by token accuracy
+            answer_ids = list(context) + [end]
+            answer, scoring = tokenizer.decode(context), "token_accuracy"
         else:
-            answer_ids = encode_answer(encode, answer)
-        samples.append(Sample(task, input_ids, span, question, answer, answer_ids, meta))
+            answer_ids, scoring = encode_answer(encode, answer), "exact"
+        samples.append(Sample(task, input_ids, span, question, answer, answer_ids, meta, scoring=scoring, stop_ids=(end,)))
     return samples
-
-
-def score_answer(sample: Sample, generated_ids: list[int]) -> float:
-    """Exact match (1.0 or 0.0) of the generated ids against the reference answer, up to the end token.
-
-    The copy task is scored by token accuracy: the fraction of reference tokens reproduced at their position.
-    """
-    reference = sample.answer_ids
-    generated = list(generated_ids)[: len(reference)]
-    if sample.task == "copy":
-        hits = sum(int(g == r) for g, r in zip(generated, reference))
-        return hits / len(reference)
-    return float(generated == reference)
