@@ -726,7 +726,7 @@ class _Driver:
         }
         if e.done:
             reference = e.sample.answer_ids
-            info["accuracy"] = float(tasks.score_answer(e.sample, e.predicted))
+            info["accuracy"] = float(tasks.score_answer(e.sample, e.predicted, self.s.tokenizer))
             hits = sum(p == t for p, t in zip(e.predicted, reference))
             info["token_accuracy"] = hits / len(reference)
             info["answer_ids"] = np.asarray(e.predicted, dtype=np.int64)

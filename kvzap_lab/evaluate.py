@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, generate
-from kvzap_lab.model import describe, fingerprint, load_model
+from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
 from kvzap_lab.oracle import score_contexts
 from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, Policy, Threshold, TopK, get_policy, resolve_policy
 from kvzap_lab.stats import format_interval, wilson_interval
@@ -140,16 +141,18 @@ def batches(samples: list[tasks.Sample], batch_size: int) -> list[list[tasks.Sam
 
 
 def run_cell(
-    model, tokenizer, policy: Policy | None, samples: list[tasks.Sample], batch_size: int, chunk_size: int, tables=None
+    model, policy: Policy | None, samples: list[tasks.Sample], eos_token_id: int | Sequence[int] | None, batch_size: int,
+    chunk_size: int, tables=None, tokenizer=None,
 ) -> dict:
-    """Accuracy, compression and bytes ratio of ``policy`` on ``samples``; ``tables`` are the oracle tables of the
-    batches, for a policy that takes them.
+    """Accuracy, compression and bytes ratio of ``policy`` on ``samples``.
 
-    Generation is greedy and batched; each row stops at its sample's stop tokens or budget
-    (:attr:`~kvzap_lab.tasks.Sample.max_new_tokens`), and an exact-match sample (the test bed) also stops at
-    its first wrong token. Scores are :func:`kvzap_lab.tasks.score_answer`; the accuracy carries its 95 %
-    Wilson interval (``accuracy_low``, ``accuracy_high``).
+    Generation is greedy and batched; each row stops at its sample's ``stop_ids`` (and ``eos_token_id``, if
+    given) or at its budget (:attr:`~kvzap_lab.tasks.Sample.max_new_tokens`), and an exact-match sample (the
+    test bed) also stops at its first wrong token. Scores are :func:`kvzap_lab.tasks.score_answer` (which needs
+    ``tokenizer`` for a chat model's samples); the accuracy carries its 95 % Wilson interval (``accuracy_low``,
+    ``accuracy_high``). ``tables`` are the oracle tables of the batches, for a policy that takes them.
     """
+    extra = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     scores, compression, bytes_ratio = [], [], []
     for i, batch in enumerate(batches(samples, batch_size)):
         if tables is not None:
@@ -159,7 +162,7 @@ def run_cell(
             [s.input_ids for s in batch],
             policy,
             max(s.max_new_tokens for s in batch),
-            eos_token_id=sorted({t for s in batch for t in s.stop_ids}),
+            eos_token_id=sorted({*extra, *(t for s in batch for t in s.stop_ids)}),
             chunk_size=chunk_size,
             expected=[s.answer_ids for s in batch] if all(s.stops_early for s in batch) else None,
         )
@@ -309,14 +312,14 @@ def cells_for(
 def build_samples(model, tokenizer, grid: list[tuple[Cell, Path | None]], options: Options) -> dict[tuple[str, int], list[tasks.Sample]]:
     """The samples of every (task, context length) of ``grid``; ValueError (one line) for samples that cannot be
     built, e.g. a context longer than the model's window."""
-    max_positions = describe(model).max_positions
+    spec = describe(model)
     out: dict[tuple[str, int], list[tasks.Sample]] = {}
     for cell, _ in grid:
         key = (cell.task, cell.context_tokens)
         if key not in out:
-            out[key] = tasks.make_samples(
-                cell.task, tokenizer, options.n_samples, cell.context_tokens, options.seed, max_positions=max_positions
-            )
+            out[key] = tasks.make_samples(cell.task, tokenizer, options.n_samples, cell.context_tokens, options.seed)
+            need = max(len(s.input_ids) + s.max_new_tokens for s in out[key])
+            check_fits(spec, need, f"a {cell.task} sample with a {cell.context_tokens}-token context (prompt and answer)")
     return out
 
 
@@ -364,7 +367,7 @@ def evaluate(
             if key not in oracle_tables:
                 oracle_tables[key] = [oracle_table(model, tokenizer, b) for b in batches(samples[key], batch_size)]
             tables = oracle_tables[key]
-        record |= run_cell(model, tokenizer, policy, samples[key], batch_size, options.chunk_size, tables)
+        record |= run_cell(model, policy, samples[key], None, batch_size, options.chunk_size, tables, tokenizer)
         record["seconds"] = round(time.perf_counter() - started, 2)
         record["seconds_per_sample"] = round(record["seconds"] / options.n_samples, 3)
         records.append(record)
@@ -416,7 +419,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="testbed", help="'testbed', a checkpoint directory or a hub name")
+    parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), help="NAME or NAME@CHECKPOINT_DIR ('full' = full cache)")
     parser.add_argument("--taus", nargs="+", type=_finite, default=list(DEFAULT_TAUS), help="thresholds for threshold policies")
     parser.add_argument(

@@ -183,3 +183,36 @@ def smollm2(smollm2_cache):
     with pytest.MonkeyPatch.context() as env:
         env.setenv(CACHE_ENV, str(smollm2_cache))
         return load_model("smollm2-135m", device="cpu", dtype=torch.float32)
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a tiny test "
+    "model.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """A tiny byte-level BPE tokenizer with SmolLM2's layout (digits split, ``<|im_start|>`` bos, ``<|im_end|>``
+    eos, a ChatML template with a default system prompt), trained in a second on the corpus's filler prose: the
+    chat-model path of the task suite without the real model. Copy it before changing it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvzap_lab.tasks.natural import filler_sentences
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator(filler_sentences()[:2000], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE, model_max_length=8192,
+    )

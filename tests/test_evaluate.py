@@ -36,7 +36,7 @@ def test_cell_accuracy_is_exact_match_of_greedy_answers(model_dir):
     # The model's own greedy continuation is the reference answer of samples 0 and 2, not of sample 1.
     answers = [free.tokens[0], [free.tokens[1][0] + 1] + free.tokens[1][1:], free.tokens[2]]
     samples = [dataclasses.replace(s, answer_ids=a, max_new_tokens=len(a)) for s, a in zip(samples, answers)]
-    result = evaluate.run_cell(model, tokenizer, None, samples, batch_size=2, chunk_size=16)
+    result = evaluate.run_cell(model, None, samples, end, batch_size=2, chunk_size=16)
     assert result["accuracy"] == pytest.approx(2 / 3)
     assert (result["accuracy_low"], result["accuracy_high"]) == pytest.approx(wilson_interval(2 / 3, 3))
     assert result["compression"] == 0.0
@@ -116,3 +116,83 @@ def test_bad_arguments_get_clear_errors(model_dir, tmp_path, capsys):
         evaluate.parse_policy("kvzap_mlp")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate.parse_policy(f"kvzap_mlp@{tmp_path / 'missing'}")
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, chat_tokenizer):
+    """A tiny random Llama with the ChatML test tokenizer: the chat-model path of evaluate."""
+    model = random_tiny_model(
+        "llama", seed=0, vocab_size=len(chat_tokenizer), max_position_embeddings=512,
+        pad_token_id=chat_tokenizer.pad_token_id, bos_token_id=chat_tokenizer.bos_token_id,
+        eos_token_id=chat_tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny_chat")
+    model.save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path, model
+
+
+def test_chat_model_cells_stop_at_end_of_turn_or_budget_and_score_ruler_style(chat_model_dir, chat_tokenizer, monkeypatch):
+    _, model = chat_model_dir
+    samples = tasks.make_samples("multi_value", chat_tokenizer, 3, 128, seed=0, n_needles=2)
+    calls = []
+    real_generate = evaluate.generate
+
+    def spy(model, prompts, policy, max_new_tokens, **kw):
+        calls.append((max_new_tokens, kw["eos_token_id"], kw["expected"]))
+        out = real_generate(model, prompts, policy, max_new_tokens, **kw)
+        # Row 0 answers both values then ends its turn; row 1 one value; row 2 both, but after its end of turn.
+        eos = chat_tokenizer.eos_token_id
+        ids = lambda text: chat_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        out.tokens = [
+            ids(" " + samples[0].answer) + [eos],
+            ids(" " + samples[1].references[0]) + [eos],
+            [eos] + ids(" " + samples[2].answer),
+        ]
+        return out
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    result = evaluate.run_cell(model, None, samples, None, 3, 16, tokenizer=chat_tokenizer)
+    assert calls == [(max(s.max_new_tokens for s in samples), [chat_tokenizer.eos_token_id], None)]
+    assert result["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert result["accuracy_low"] < result["accuracy"] < result["accuracy_high"]
+
+
+def test_cli_on_a_chat_model_records_intervals_and_refuses_contexts_beyond_the_window(chat_model_dir, tmp_path, capsys):
+    path, _ = chat_model_dir
+    out = tmp_path / "eval.jsonl"
+    argv = [
+        "--model", str(path), "--policies", "full", "streaming_llm", "--keep-ratios", "0.5", "--tasks", "single_needle",
+        "kv_retrieval", "--context-tokens", "64", "--n-samples", "3", "--batch-size", "3", "--window", "4", "--sinks", "1",
+        "--chunk-size", "16", "--out", str(out), "--json",
+    ]
+    assert evaluate.main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    records = evaluate.read_records(out)
+    assert len(records) == 4 and summary["cells"] == 4
+    for r in records:
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] and r["accuracy_high"] - r["accuracy_low"] > 0.3
+        assert r["seconds_per_sample"] == pytest.approx(r["seconds"] / 3, abs=1e-3) and len(r["samples"]) == 16
+    assert {s["n_samples"] for s in summary["summary"]} == {6}  # pooled over the two tasks
+    assert "acc [95% CI]" in captured.err and "s/sample" in captured.err
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([*argv[:argv.index("--context-tokens") + 1], "600", *argv[argv.index("--n-samples"):]])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the weight-loading bar) one line, no traceback
+    assert last.startswith("python -m kvzap_lab.evaluate: error: a single_needle sample with a 600-token context")
+    assert "512-token window" in last
+
+
+def test_a_changed_sample_set_is_not_resumed_from_a_stale_record(model_dir, tmp_path, monkeypatch):
+    """The resume key holds a digest of the samples: the same cell with other samples runs again."""
+    path, _, _ = model_dir
+    out = tmp_path / "eval.jsonl"
+    argv = ["--model", str(path), "--policies", "full", "--tasks", "single_needle", "--context-tokens", "48",
+            "--n-samples", "2", "--chunk-size", "16", "--out", str(out), "--json"]
+    assert evaluate.main(argv) == 0
+    real = tasks.make_samples
+    monkeypatch.setattr(tasks, "make_samples", lambda *a, **k: [dataclasses.replace(s, max_new_tokens=s.max_new_tokens + 1) for s in real(*a, **k)])
+    assert evaluate.main(argv) == 0
+    records = evaluate.read_records(out)
+    assert len(records) == 2 and records[0]["samples"] != records[1]["samples"]

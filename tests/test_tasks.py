@@ -1,4 +1,8 @@
-"""Task generators: determinism under seed, exact spans and lengths, scoring, and rejected parameters."""
+"""The test bed's tasks: determinism under seed, exact spans and lengths, scoring, rejected parameters, and samples
+pinned to what they were before the suite grew a path for chat models."""
+
+import hashlib
+import json
 
 import pytest
 from transformers import AutoTokenizer
@@ -93,12 +97,43 @@ def test_impossible_parameters_are_rejected(tokenizer):
         tasks.make_samples("variable_tracking", tokenizer, 1, 512, n_needles=9)
 
 
-def test_tokenizer_without_chat_tokens_is_rejected():
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def test_the_suite_follows_the_tokenizer(tokenizer, chat_tokenizer):
+    """The test bed's chat tokens pick the test bed's tasks (even though its tokenizer also has a chat template);
+    any other tokenizer gets the natural ones."""
+    assert tasks.is_testbed_tokenizer(tokenizer) and tokenizer.chat_template
+    assert not tasks.is_testbed_tokenizer(chat_tokenizer)
+    testbed = tasks.make_samples("single_needle", tokenizer, 1, 64, seed=0)[0]
+    natural = tasks.make_samples("single_needle", chat_tokenizer, 1, 64, seed=0)[0]
+    assert testbed.scoring == "exact" and testbed.stops_early and testbed.stop_ids == (tokenizer.convert_tokens_to_ids(tasks.END),)
+    assert natural.scoring == "contains" and not natural.stops_early
+    assert "special magic numbers for" in chat_tokenizer.decode(natural.context_ids)
 
-    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    bare = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-    with pytest.raises(ValueError, match=r"tokenizer has no '<\|bos\|>' token"):
-        tasks.make_samples("single_needle", bare, 1, 64)
+
+# sha256 (16 hex digits) of the test-bed samples of each task, computed on main before the task suite grew a
+# path for chat models: (4 samples of 256 tokens, seed 3), (2 samples of 1,000 tokens, seed 11, 2 needles).
+TESTBED_SAMPLE_DIGESTS = {
+    "single_needle": ("7d0d6b1b55eb93ae", "be0c8cf71f9a4de3"),
+    "multi_key_needle": ("4e77d2b4fa69a271", "f6a3bb2df4a6b9cf"),
+    "multi_value": ("4737c272a6e70be7", "cb5ea69092c9d551"),
+    "kv_retrieval": ("c2f31667d3698cc5", "e9a6caa11727a996"),
+    "variable_tracking": ("93d94da8f5544f14", "d6f917ed70df5dc7"),
+    "copy": ("1f2d9cd51e8ab570", "a6a67a64cec9705d"),
+}
+
+
+def _digest(samples) -> str:
+    digest = hashlib.sha256()
+    for s in samples:
+        fields = [s.task, s.input_ids, list(s.context_span), s.question, s.answer, s.answer_ids, s.meta]
+        digest.update(json.dumps(fields, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_testbed_samples_are_unchanged(task, tokenizer):
+    short = tasks.make_samples(task, tokenizer, 4, 256, seed=3)
+    long = tasks.make_samples(task, tokenizer, 2, 1000, seed=11, n_needles=2)
+    assert (_digest(short), _digest(long)) == TESTBED_SAMPLE_DIGESTS[task]
+    for s in short + long:  # and so are their budgets and stop rules
+        assert s.max_new_tokens == len(s.answer_ids) and s.stop_ids == (tokenizer.convert_tokens_to_ids(tasks.END),)
+        assert s.scoring == ("token_accuracy" if task == "copy" else "exact")

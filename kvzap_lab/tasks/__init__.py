@@ -47,7 +47,7 @@ from kvzap_lab.tasks.synthetic import (
 
 __all__ = [
     "ASSISTANT", "BOS", "COLORS", "COPY_INSTRUCTION", "END", "KEYS", "PAD", "PROMPT_STYLES", "SCORINGS", "SPECIAL_TOKENS",
-    "TASKS", "USER", "VARIABLES", "VOCABULARY", "PieceEncoder", "Sample", "build_context", "chat_prompt", "check_fits",
+    "TASKS", "USER", "VARIABLES", "VOCABULARY", "PieceEncoder", "Sample", "build_context", "chat_prompt",
     "draw_task", "encode_answer", "filler_sentence", "is_testbed_tokenizer", "make_samples", "needle", "normalize",
     "score_answer", "score_text",
 ]
@@ -69,7 +69,6 @@ def make_samples(
     *,
     prompt_style: str = "auto",
     corpus: str = "default",
-    max_positions: int | None = None,
 ) -> list[Sample]:
     """``n`` samples of ``task`` whose contexts are exactly ``context_tokens`` tokens; same arguments, same samples.
 
@@ -83,12 +82,11 @@ def make_samples(
         prompt_style: natural tasks only: ``"auto"`` (the chat template when there is one, else plain text),
             ``"chat"`` (the template, required) or ``"plain"``.
         corpus: natural tasks only: the corpus whose ``filler`` split fills the contexts.
-        max_positions: when given (the model's window), refuse samples whose prompt and answer budget exceed it.
     Returns:
         the samples, each with its context span, references, stop ids and generation budget.
     Raises:
-        ValueError: an unknown task, parameters that cannot fit, a prompt longer than ``max_positions``, or
-            ``prompt_style="chat"`` with a tokenizer that has no chat template.
+        ValueError: an unknown task, parameters that cannot fit, or ``prompt_style="chat"`` with a tokenizer
+            that has no chat template.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
@@ -101,18 +99,5 @@ def make_samples(
     else:
         fr = frame(tokenizer, prompt_style)
         samples = make_natural_samples(task, tokenizer, encoder(tokenizer), fr, n, context_tokens, seed, n_needles, corpus)
-    if max_positions is not None:
-        check_fits(samples, max_positions)
     return samples
 
-
-def check_fits(samples: list[Sample], max_positions: int) -> None:
-    """Raise ValueError (one line) when a sample's prompt plus its generation budget exceeds ``max_positions``."""
-    for sample in samples:
-        need = len(sample.input_ids) + sample.max_new_tokens
-        if need > max_positions:
-            context = sample.context_span[1] - sample.context_span[0]
-            raise ValueError(
-                f"a {sample.task} sample with a {context}-token context needs {need} positions (prompt and answer) but "
-                f"the model covers {max_positions}: use a context of at most {context - (need - max_positions)} tokens"
-            )

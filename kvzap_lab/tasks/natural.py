@@ -63,12 +63,16 @@ COPY_QUESTION = "Repeat the text above exactly, word for word, from its first wo
 ANSWER_SLACK = 8
 
 
+# A sentence ends at . ! or ? before a space and a capital letter, except after "e.g.", "i.e.", "etc.", "vs.", "cf.".
+_SENTENCE_END = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\betc\.)(?<!\bvs\.)(?<!\bcf\.)(?<=[.!?])\s+(?=[A-Z])")
+
+
 @functools.lru_cache(maxsize=4)
 def filler_sentences(corpus: str = "default") -> tuple[str, ...]:
     """The prose sentences of the corpus's ``filler`` split, in order.
 
     Paragraphs are kept when they read as prose: not indented (code, grammar), not a heading, ending with a
-    full stop; their lines are joined and split into sentences after ``.``, ``!`` or ``?``.
+    full stop; their lines are joined and split into sentences (``_SENTENCE_END``).
     """
     sentences: list[str] = []
     for document in load_corpus(corpus).split("filler", kind="prose"):
@@ -79,7 +83,7 @@ def filler_sentences(corpus: str = "default") -> tuple[str, ...]:
             if len(lines) > 1 and set(lines[1].strip()) <= set("*=-"):  # a heading and its underline
                 continue
             text = " ".join(line.strip() for line in lines)
-            sentences += [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", text) if s]
+            sentences += [s for s in _SENTENCE_END.split(text) if s]
     return tuple(sentences)
 
 
