@@ -196,3 +196,12 @@ def test_a_changed_sample_set_is_not_resumed_from_a_stale_record(model_dir, tmp_
     assert evaluate.main(argv) == 0
     records = evaluate.read_records(out)
     assert len(records) == 2 and records[0]["samples"] != records[1]["samples"]
+
+
+@pytest.mark.real_model
+def test_smollm2_full_cache_answers_single_needles(smollm2):
+    """An evaluate cell on SmolLM2: greedy answers with its chat template stop at <|im_end|> and find the needle."""
+    model, tokenizer = smollm2
+    samples = tasks.make_samples("single_needle", tokenizer, 4, 256, seed=0)
+    result = evaluate.run_cell(model, None, samples, None, 4, 128, tokenizer=tokenizer)
+    assert result["accuracy"] >= 0.75 and result["compression"] == 0.0

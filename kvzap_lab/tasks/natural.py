@@ -52,10 +52,12 @@ KV_INSTRUCTION = (
     "A list of special magic numbers follows, one per line, each for a different key. Make sure to memorize it. "
     "I will quiz you about the numbers afterwards."
 )
-QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
-PREFIX = "The special magic number for {key} mentioned in the provided text is"
-MULTI_QUESTION = "What are all the special magic numbers for {key} mentioned in the provided text?"
-MULTI_PREFIX = "The special magic numbers for {key} mentioned in the provided text are"
+# RULER's questions without its "mentioned in the provided text": on 8 paired single-needle samples of 1,024
+# tokens SmolLM2-135M-Instruct answered 7 with it (once "**None**") and 8 without.
+QUESTION = "What is the special magic number for {key}?"
+PREFIX = "The special magic number for {key} is"
+MULTI_QUESTION = "What are all the special magic numbers for {key}?"
+MULTI_PREFIX = "The special magic numbers for {key} are"
 VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 COPY_INSTRUCTION = "Read the following text carefully."
 COPY_QUESTION = "Repeat the text above exactly, word for word, from its first word to its last."

@@ -209,14 +209,7 @@ def encode_answer(encode: PieceEncoder, answer: str) -> list[int]:
     return encode(" " + answer) + [encode.special(END)]
 
 
-def make_synthetic_samples(
-    task: str,
-    tokenizer,
-    n: int,
-    context_tokens: int,
-    seed: int = 0,
-    n_needles: int = 4,
-) -> list[Sample]:
+def make_synthetic_samples(task: str, tokenizer, n: int, context_tokens: int, seed: int, n_needles: int) -> list[Sample]:
     """``n`` samples of ``task`` with contexts of exactly ``context_tokens`` tokens; same seed, same samples.
 
     ``n_needles`` sets the needles of multi_key_needle / multi_value and the chain length of variable_tracking.
