@@ -17,6 +17,9 @@ Tasks (RULER's names in brackets; keys are city names, values numbers of ``DIGIT
   holding the value.
 - ``copy``: the context is filler only; the model is asked to repeat it (KVzip's pretext task).
 
+Each sample's ``meta`` holds its ``keys`` and ``values`` (or ``chain`` and ``distractor_chain``), the token
+offsets of its needles inside the context (``needle_spans``) and the answer ``prefix``.
+
 Scoring is RULER's (``"contains"``): the fraction of the expected strings (the number; every number of
 multi_value; every variable of the chain) found in the normalised output, and for copy the fraction of the
 context's words reproduced in order (``"recall"``). See :mod:`kvzap_lab.tasks.scoring`.
