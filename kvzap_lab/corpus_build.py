@@ -28,6 +28,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from kvzap_lab import io
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "corpus_data" / "default.jsonl.gz"
 # Parts of the standard library left out: tests, vendored or generated code, demos, codecs tables.
 SKIP_PARTS = {"site-packages", "test", "tests", "idle_test", "lib2to3", "__pycache__", "encodings", "ensurepip",
@@ -94,11 +96,12 @@ def build(out: Path) -> str:
     header = {"corpus": "default", "source": SOURCE.format(version=version), "python": version, "license": "PSF-2.0"}
     lines = [json.dumps(header, sort_keys=True)] + [json.dumps(d, sort_keys=True) for d in build_documents(Path(sysconfig.get_paths()["stdlib"]))]
     content = ("\n".join(lines) + "\n").encode()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as f:
-        f.write(content)
-    tmp.replace(out)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as f:
+            f.write(content)
+
+    io.atomic_write(out, write)
     return hashlib.sha256(content).hexdigest()
 
 

@@ -26,10 +26,8 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -38,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvzap_lab import tasks
+from kvzap_lab import io, tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, generate
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
 from kvzap_lab.oracle import score_contexts
@@ -204,12 +202,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def write_records(path: Path, records: list[dict]) -> None:
-    """Write JSON lines atomically (temporary file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    """Write JSON lines atomically (:func:`kvzap_lab.io.atomic_write_text`)."""
+    io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -284,11 +278,8 @@ def plot(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def cells_for(
