@@ -30,14 +30,15 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from kvzap_lab import io, tasks
-from kvzap_lab.engine import DEFAULT_CHUNK, generate
+from kvzap_lab import cli, io, tasks
+from kvzap_lab.faults import kill_point
+from kvzap_lab.engine import DEFAULT_CHUNK, Generation, generate, prefill
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
 from kvzap_lab.oracle import score_contexts
 from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, Policy, Threshold, TopK, get_policy, resolve_policy
@@ -138,46 +139,65 @@ def batches(samples: list[tasks.Sample], batch_size: int) -> list[list[tasks.Sam
     return [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
 
 
+@dataclass
+class Tally:
+    """What a cell accumulates over its batches: a score, a compression and a bytes ratio per sample."""
+
+    scores: list[float] = field(default_factory=list)
+    compression: list[float] = field(default_factory=list)
+    bytes_ratio: list[float] = field(default_factory=list)
+
+    def add(self, batch: list[tasks.Sample], out: Generation, tokenizer) -> None:
+        """Score one batch's generation."""
+        self.scores += [tasks.score_answer(s, ids, tokenizer) for s, ids in zip(batch, out.tokens)]
+        self.compression += out.compression.per_row.tolist()
+        self.bytes_ratio += [out.bytes_held / out.full_bytes] * len(batch)
+
+    def result(self) -> dict:
+        """Accuracy with its 95 % Wilson interval, mean / min / max compression, mean bytes ratio."""
+        accuracy = statistics.fmean(self.scores)
+        low, high = wilson_interval(accuracy, len(self.scores))
+        return {
+            "accuracy": accuracy,
+            "accuracy_low": low,
+            "accuracy_high": high,
+            "compression": statistics.fmean(self.compression),
+            "compression_min": min(self.compression),
+            "compression_max": max(self.compression),
+            "bytes_ratio": statistics.fmean(self.bytes_ratio),
+        }
+
+
+def generation_args(batch: list[tasks.Sample], eos_token_id: int | Sequence[int] | None = None) -> dict:
+    """``max_new_tokens``, ``eos_token_id`` and ``expected`` of a batch: each row stops at its sample's
+    ``stop_ids`` (and ``eos_token_id``, if given) or at its budget, and an exact-match batch (the test bed) also at
+    its first wrong token."""
+    extra = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return {
+        "max_new_tokens": max(s.max_new_tokens for s in batch),
+        "eos_token_id": sorted({*extra, *(t for s in batch for t in s.stop_ids)}),
+        "expected": [s.answer_ids for s in batch] if all(s.stops_early for s in batch) else None,
+    }
+
+
 def run_cell(
     model, policy: Policy | None, samples: list[tasks.Sample], eos_token_id: int | Sequence[int] | None, batch_size: int,
     chunk_size: int, tables=None, tokenizer=None,
 ) -> dict:
-    """Accuracy, compression and bytes ratio of ``policy`` on ``samples``.
+    """Accuracy, compression and bytes ratio of ``policy`` on ``samples`` (greedy, batched, prefill in chunks of
+    ``chunk_size`` tokens with eviction after each).
 
-    Generation is greedy and batched; each row stops at its sample's ``stop_ids`` (and ``eos_token_id``, if
-    given) or at its budget (:attr:`~kvzap_lab.tasks.Sample.max_new_tokens`), and an exact-match sample (the
-    test bed) also stops at its first wrong token. Scores are :func:`kvzap_lab.tasks.score_answer` (which needs
-    ``tokenizer`` for a chat model's samples); the accuracy carries its 95 % Wilson interval (``accuracy_low``,
-    ``accuracy_high``). ``tables`` are the oracle tables of the batches, for a policy that takes them.
+    Generation stops as :func:`generation_args` says; scores are :func:`kvzap_lab.tasks.score_answer` (which needs
+    ``tokenizer`` for a chat model's samples); see :meth:`Tally.result` for what is returned. ``tables`` are the
+    oracle tables of the batches, for a policy that takes them.
     """
-    extra = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    scores, compression, bytes_ratio = [], [], []
+    tally = Tally()
     for i, batch in enumerate(batches(samples, batch_size)):
         if tables is not None:
             policy.scorer.set_scores(tables[i])
-        out = generate(
-            model,
-            [s.input_ids for s in batch],
-            policy,
-            max(s.max_new_tokens for s in batch),
-            eos_token_id=sorted({*extra, *(t for s in batch for t in s.stop_ids)}),
-            chunk_size=chunk_size,
-            expected=[s.answer_ids for s in batch] if all(s.stops_early for s in batch) else None,
-        )
-        scores += [tasks.score_answer(s, ids, tokenizer) for s, ids in zip(batch, out.tokens)]
-        compression += out.compression.per_row.tolist()
-        bytes_ratio.append(out.bytes_held / out.full_bytes)
-    accuracy = statistics.fmean(scores)
-    low, high = wilson_interval(accuracy, len(scores))
-    return {
-        "accuracy": accuracy,
-        "accuracy_low": low,
-        "accuracy_high": high,
-        "compression": statistics.fmean(compression),
-        "compression_min": min(compression),
-        "compression_max": max(compression),
-        "bytes_ratio": statistics.fmean(bytes_ratio),
-    }
+        out = generate(model, [s.input_ids for s in batch], policy, chunk_size=chunk_size, **generation_args(batch, eos_token_id))
+        tally.add(batch, out, tokenizer)
+    return tally.result()
 
 
 def _key(record: dict) -> str:
@@ -314,17 +334,63 @@ def build_samples(model, tokenizer, grid: list[tuple[Cell, Path | None]], option
     return out
 
 
+def _record(options: Options, cell: Cell, samples: list[tasks.Sample]) -> dict:
+    return asdict(options) | {
+        "policy": cell.policy,
+        "setting": dict(cell.setting),
+        "task": cell.task,
+        "context_tokens": cell.context_tokens,
+        "samples": samples_digest(samples),
+    }
+
+
+def _takes_table(policy: Policy | None) -> bool:
+    return policy is not None and hasattr(policy.scorer, "set_scores")
+
+
+def _shared_prefill_group(model, tokenizer, cells: list[tuple[Cell, Policy | None]], samples: list[tasks.Sample],
+                          batch_size: int, partial_path: Path) -> list[dict]:
+    """Every cell of one (task, context length) from one prefill per batch (``--chunk-size 0``).
+
+    Each batch is prefilled once with the full cache (:func:`kvzap_lab.engine.prefill`) and every cell's policy
+    branches from it, exactly as its own one-chunk ``generate`` would. The tallies are saved atomically to
+    ``partial_path`` after every batch, so a killed run resumes at its next batch.
+    """
+    key = samples_digest(samples) + "|" + "|".join(c.label() for c, _ in cells)
+    saved = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    state = saved if saved.get("key") == key else {"key": key, "batches": 0, "tallies": [asdict(Tally()) for _ in cells]}
+    tallies = [Tally(**t) for t in state["tallies"]]
+    for i, batch in enumerate(batches(samples, batch_size)):
+        if i < state["batches"]:
+            continue
+        started = prefill(model, [s.input_ids for s in batch])
+        table = oracle_table(model, tokenizer, batch) if any(_takes_table(p) for _, p in cells) else None
+        for (_, policy), tally in zip(cells, tallies):
+            if _takes_table(policy):
+                policy.scorer.set_scores(table)
+            tally.add(batch, started.branch(policy, **generation_args(batch)), tokenizer)
+        state = {"key": key, "batches": i + 1, "tallies": [asdict(t) for t in tallies]}
+        io.atomic_write_json(partial_path, state, indent=None)
+        kill_point("evaluate.batch")
+    partial_path.unlink(missing_ok=True)
+    return [t.result() for t in tallies]
+
+
 def evaluate(
     model, tokenizer, grid: list[tuple[Cell, Path | None]], options: Options, out: Path, batch_size: int,
     progress: bool = True, samples: dict[tuple[str, int], list[tasks.Sample]] | None = None,
 ) -> list[dict]:
     """Run every cell of ``grid`` not already in ``out`` (resume), writing ``out`` after each.
 
+    With ``options.chunk_size`` 0 every prompt is prefilled in one chunk (prefill attention is full, eviction
+    starts after it: KVzap's and kvpress's semantics) and all cells of a task and context length branch from one
+    prefill per batch; the cells of such a group are written together.
+
     Args:
         model, tokenizer: what :func:`kvzap_lab.model.load_model` returns.
         grid: the (cell, checkpoint) pairs of :func:`cells_for`.
         options: what else decides a result (part of the resume key, with the cell and a digest of its samples).
-        out: the JSON-lines file, rewritten atomically after every cell.
+        out: the JSON-lines file, rewritten atomically after every cell (or group of cells).
         batch_size: samples generated together.
         progress: show a progress bar over the cells.
         samples: the samples of :func:`build_samples` (built here when not given).
@@ -336,107 +402,90 @@ def evaluate(
     records = read_records(out)
     done = {_key(r): r for r in records}
     samples = build_samples(model, tokenizer, grid, options) if samples is None else samples
-    oracle_tables: dict[tuple[str, int], list[torch.Tensor]] = {}  # shared by the taus of the oracle
-    results = []
-    for cell, checkpoint in tqdm(grid, desc="cells", disable=not progress):
+    todo: dict[tuple[str, int], list[tuple[Cell, Path | None]]] = {}
+    for cell, checkpoint in grid:
         key = (cell.task, cell.context_tokens)
-        record = asdict(options) | {
-            "policy": cell.policy,
-            "setting": dict(cell.setting),
-            "task": cell.task,
-            "context_tokens": cell.context_tokens,
-            "samples": samples_digest(samples[key]),
-        }
-        if _key(record) in done:
-            results.append(done[_key(record)])
-            continue
-        name = cell.policy.partition("@")[0]
-        policy = build_policy(name, checkpoint, cell.setting, cell.context_tokens, model, options.window, options.sinks)
-        started = time.perf_counter()
-        tables = None
-        if policy is not None and hasattr(policy.scorer, "set_scores"):
-            if key not in oracle_tables:
-                oracle_tables[key] = [oracle_table(model, tokenizer, b) for b in batches(samples[key], batch_size)]
-            tables = oracle_tables[key]
-        record |= run_cell(model, policy, samples[key], None, batch_size, options.chunk_size, tables, tokenizer)
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        record["seconds_per_sample"] = round(record["seconds"] / options.n_samples, 3)
-        records.append(record)
-        done[_key(record)] = record
+        if _key(_record(options, cell, samples[key])) not in done:
+            todo.setdefault(key, []).append((cell, checkpoint))
+    oracle_tables: dict[tuple[str, int], list[torch.Tensor]] = {}  # shared by the taus of the oracle
+    bar = tqdm(total=sum(map(len, todo.values())), desc="cells", disable=not progress)
+
+    def finish(cells: list[Cell], results: list[dict], seconds: float) -> None:
+        for cell, result in zip(cells, results):
+            record = _record(options, cell, samples[(cell.task, cell.context_tokens)]) | result
+            spent = round(seconds, 2)
+            records.append(record | {"seconds": spent, "seconds_per_sample": round(spent / options.n_samples, 3)})
         write_records(out, records)
-        results.append(record)
-    return results
+        bar.update(len(cells))
 
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"taus must be finite numbers (log-score thresholds); got {text}")
-    return value
+    for key, group in todo.items():
+        policies = [
+            (cell, build_policy(cell.policy.partition("@")[0], checkpoint, cell.setting, cell.context_tokens, model,
+                                options.window, options.sinks))
+            for cell, checkpoint in group
+        ]
+        if options.chunk_size == 0:
+            started = time.perf_counter()
+            results = _shared_prefill_group(model, tokenizer, policies, samples[key], batch_size,
+                                            out.with_name(f".{out.name}.partial.json"))
+            finish([cell for cell, _ in policies], results, (time.perf_counter() - started) / len(policies))
+            continue
+        for cell, policy in policies:
+            started = time.perf_counter()
+            tables = None
+            if _takes_table(policy):
+                if key not in oracle_tables:
+                    oracle_tables[key] = [oracle_table(model, tokenizer, b) for b in batches(samples[key], batch_size)]
+                tables = oracle_tables[key]
+            result = run_cell(model, policy, samples[key], None, batch_size, options.chunk_size, tables, tokenizer)
+            finish([cell], [result], time.perf_counter() - started)
+    bar.close()
+    done = {_key(r): r for r in records}
+    return [done[_key(_record(options, cell, samples[(cell.task, cell.context_tokens)]))] for cell, _ in grid]
 
 
 def _offsets(text: str) -> tuple[float, ...]:
     """argparse type of ``--tau-offsets``: finite numbers, comma-separated, one per layer."""
     try:
-        values = tuple(_finite(part) for part in text.split(","))
-    except (ValueError, argparse.ArgumentTypeError):
+        values = tuple(cli.finite_float(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
         values = ()
     if not values:
         raise argparse.ArgumentTypeError(f"tau offsets are finite numbers, one per layer, comma-separated (--tau-offsets=-0.5,0,0.5,0); got {text!r}")
     return values
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep ratios are fractions of candidate pairs kept, in [0, 1]; got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0; got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1, with a message naming the rule."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), help="NAME or NAME@CHECKPOINT_DIR ('full' = full cache)")
-    parser.add_argument("--taus", nargs="+", type=_finite, default=list(DEFAULT_TAUS), help="thresholds for threshold policies")
+    parser.add_argument("--taus", nargs="+", type=cli.finite_float, default=list(DEFAULT_TAUS), help="thresholds for threshold policies")
     parser.add_argument(
         "--tau-offsets", type=_offsets, default=None,
         help="per-layer offsets added to every tau, one per layer (--tau-offsets=-0.5,0,0.5,0: layer l uses tau + offset l)",
     )
-    parser.add_argument("--keep-ratios", nargs="+", type=_ratio, default=list(DEFAULT_KEEP_RATIOS), help="per-head budgets for the baselines")
-    parser.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
-    parser.add_argument("--context-tokens", nargs="+", type=positive_int, default=[512, 1024])
-    parser.add_argument("--n-samples", type=positive_int, default=200, help="samples per cell")
+    parser.add_argument("--keep-ratios", nargs="+", type=cli.fraction(), default=list(DEFAULT_KEEP_RATIOS), help="per-head budgets for the baselines")
+    parser.add_argument("--tasks", nargs="+", action=cli.ListOption, allowed=tasks.TASKS, default=list(tasks.TASKS))
+    parser.add_argument("--context-tokens", nargs="+", type=cli.positive_int, default=[512, 1024])
+    parser.add_argument("--n-samples", type=cli.positive_int, default=200, help="samples per cell")
     parser.add_argument("--seed", type=int, default=1, help="sample seed")
-    parser.add_argument("--window", type=_non_negative, default=DEFAULT_WINDOW, help="sliding window (tokens never evicted)")
-    parser.add_argument("--sinks", type=_non_negative, default=DEFAULT_SINKS, help="first tokens never evicted")
-    parser.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK, help="prefill chunk (tokens)")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--window", type=cli.non_negative_int, default=DEFAULT_WINDOW, help="sliding window (tokens never evicted)")
+    parser.add_argument("--sinks", type=cli.non_negative_int, default=DEFAULT_SINKS, help="first tokens never evicted")
+    parser.add_argument(
+        "--chunk-size", type=cli.non_negative_int, default=DEFAULT_CHUNK,
+        help="prefill chunk in tokens, evicting after each; 0: the whole prompt in one chunk (KVzap/kvpress semantics), "
+        "one prefill per batch shared by every policy of a task and length (much faster with many policies)",
+    )
+    parser.add_argument("--batch-size", type=cli.positive_int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("results/eval/eval.jsonl"), help="JSON lines (resumable)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     parser.add_argument("--json", action="store_true", help="end with one JSON summary line")
     args = parser.parse_args(argv)
 
-    try:
-        policies = [parse_policy(p) for p in args.policies]
-        model, tokenizer = load_model(args.model, device=args.device)
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    io.check_writable(args.out.parent)
+    policies = [parse_policy(p) for p in args.policies]
+    model, tokenizer = load_model(args.model, device=args.device)
     n_layers = describe(model).n_layers
     if args.tau_offsets is not None and len(args.tau_offsets) != n_layers:
         parser.error(f"--tau-offsets has {len(args.tau_offsets)} values; the model has {n_layers} layers (one offset per layer)")
@@ -445,10 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk_size=args.chunk_size,
     )
     grid = cells_for(policies, args.taus, args.keep_ratios, args.tasks, args.context_tokens, args.tau_offsets)
-    try:
-        samples = build_samples(model, tokenizer, grid, options)
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    samples = build_samples(model, tokenizer, grid, options)
     records = evaluate(model, tokenizer, grid, options, args.out, args.batch_size, progress=not args.json, samples=samples)
     plot_path = args.plot or args.out.with_suffix(".png")
     plot(records, plot_path)
@@ -459,4 +505,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

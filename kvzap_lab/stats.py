@@ -30,7 +30,8 @@ def wilson_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[
     denominator = 1 + z * z / n
     centre = (accuracy + z * z / (2 * n)) / denominator
     half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval holds the estimate; min/max only absorb rounding at 0/n and n/n (1e-17 off the bounds).
+    return min(accuracy, max(0.0, centre - half)), max(accuracy, min(1.0, centre + half))
 
 
 def format_interval(accuracy: float, n: int) -> str:

@@ -65,7 +65,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvzap_lab import tasks
-from kvzap_lab.evaluate import positive_int
+from kvzap_lab.cli import positive_int
 from kvzap_lab.policy import Policy, list_policies, resolve_policy
 from kvzap_lab.studies import rule as rule_space
 from kvzap_lab.studies.space import SpaceError, check_space, contains, defaults, override, suggest

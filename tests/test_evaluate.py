@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kvzap_lab import evaluate, tasks
+from kvzap_lab import cli, evaluate, tasks
 from kvzap_lab.model import random_tiny_model
 from kvzap_lab.stats import wilson_interval
 from kvzap_lab.testbed import train_tokenizer
@@ -176,9 +176,8 @@ def test_cli_on_a_chat_model_records_intervals_and_refuses_contexts_beyond_the_w
         assert r["seconds_per_sample"] == pytest.approx(r["seconds"] / 3, abs=1e-3) and len(r["samples"]) == 16
     assert {s["n_samples"] for s in summary["summary"]} == {6}  # pooled over the two tasks
     assert "acc [95% CI]" in captured.err and "s/sample" in captured.err
-    with pytest.raises(SystemExit) as stop:
-        evaluate.main([*argv[:argv.index("--context-tokens") + 1], "600", *argv[argv.index("--n-samples"):]])
-    assert stop.value.code == 2
+    too_long = [*argv[: argv.index("--context-tokens") + 1], "600", *argv[argv.index("--n-samples") :]]
+    assert cli.run(evaluate.main, too_long) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the weight-loading bar) one line, no traceback
     assert last.startswith("python -m kvzap_lab.evaluate: error: a single_needle sample with a 600-token context")
     assert "512-token window" in last
@@ -205,3 +204,51 @@ def test_smollm2_full_cache_answers_single_needles(smollm2):
     samples = tasks.make_samples("single_needle", tokenizer, 4, 256, seed=0)
     result = evaluate.run_cell(model, None, samples, None, 4, 128, tokenizer=tokenizer)
     assert result["accuracy"] >= 0.75 and result["compression"] == 0.0
+
+
+def _grid_records(model_dir, tmp_path, chunk_size, name="eval.jsonl"):
+    path, _, _ = model_dir
+    out = tmp_path / name
+    argv = [
+        "--model", str(path), "--policies", "full", "oracle", "knorm", "accumulated_attention", "random", "--taus", "-3", "1",
+        "--keep-ratios", "0.3", "--tasks", "single_needle", "kv_retrieval", "--context-tokens", "64", "--n-samples", "5",
+        "--batch-size", "2", "--window", "4", "--sinks", "1", "--chunk-size", str(chunk_size), "--out", str(out), "--json",
+    ]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    return {(r["policy"], json.dumps(r["setting"]), r["task"]): r for r in evaluate.read_records(out)}
+
+
+def test_shared_prefill_equals_one_chunk_prefill_per_cell(model_dir, tmp_path, capsys):
+    shared = _grid_records(model_dir, tmp_path, 0, "shared.jsonl")
+    per_cell = _grid_records(model_dir, tmp_path, 10_000, "per_cell.jsonl")  # one chunk: the same semantics
+    assert shared.keys() == per_cell.keys() and len(shared) == 2 * 6
+    for key, record in shared.items():
+        for field in ("accuracy", "compression", "compression_min", "compression_max", "bytes_ratio"):
+            assert record[field] == pytest.approx(per_cell[key][field], abs=1e-9), (key, field)
+    assert max(r["compression"] for r in shared.values()) > 0.3  # the policies did evict
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_shared_prefill_resumes_at_the_next_batch_after_kill_9(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from kvzap_lab import faults
+
+    path, _, _ = model_dir
+    argv = [sys.executable, "-m", "kvzap_lab.evaluate", "--model", str(path), "--policies", "full", "oracle", "knorm",
+            "--taus", "-3", "--keep-ratios", "0.3", "--tasks", "single_needle", "--context-tokens", "64", "--n-samples", "5",
+            "--batch-size", "2", "--window", "4", "--sinks", "1", "--chunk-size", "0", "--json"]  # fmt: skip
+    killed_out, fresh_out = tmp_path / "killed.jsonl", tmp_path / "fresh.jsonl"
+    env = dict(os.environ, **{faults.ENV_VAR: "evaluate.batch:2"})
+    killed = subprocess.run([*argv, "--out", str(killed_out)], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9
+    partial = json.loads((tmp_path / ".killed.jsonl.partial.json").read_text())
+    assert partial["batches"] == 2 and not killed_out.exists()
+    resumed = subprocess.run([*argv, "--out", str(killed_out)], capture_output=True, text=True, timeout=600)
+    fresh = subprocess.run([*argv, "--out", str(fresh_out)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == fresh.returncode == 0, resumed.stderr + fresh.stderr
+    strip = lambda records: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in records]  # noqa: E731
+    assert strip(evaluate.read_records(killed_out)) == strip(evaluate.read_records(fresh_out))
+    assert not (tmp_path / ".killed.jsonl.partial.json").exists()

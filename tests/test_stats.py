@@ -30,3 +30,10 @@ def test_wilson_interval_edges_and_bad_input():
             wilson_interval(*bad)
     with pytest.raises(ValueError, match="0 < confidence < 1"):
         wilson_interval(0.5, 10, confidence=1.0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 20, 100, 1000])
+def test_the_interval_always_holds_the_estimate_at_the_bounds(n):
+    for accuracy in (0.0, 1.0):
+        low, high = wilson_interval(accuracy, n)
+        assert low <= accuracy <= high
