@@ -22,7 +22,7 @@ from kvzap_lab.study.lifecycle import checkpoint
 from kvzap_lab.study.metrics import operating_point, reward
 from kvzap_lab.study.report import trial_plot
 from kvzap_lab.study.search import SearchSpace
-from kvzap_lab.study.storage import worker_record
+from kvzap_lab.study.resume import worker_record
 from kvzap_lab.study.tracking import Tracker
 
 
@@ -43,10 +43,11 @@ def fit_trial_policy(policy: str, factory, space: SearchSpace, bench: Bench, par
 
 
 def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full: dict, tracker: Tracker, parent: str,
-                   *, seed: int, objectives: str):
+                   *, seed: int, objectives: str, on_sampled=None):
     """The Optuna objective of a study of ``policy`` (``factory``: its scorer class) on ``bench``; ``full``:
     full-cache accuracy per evaluated task; ``parent``: the invocation's MLflow run; ``objectives``: ``pareto``
-    (returns accuracy, compression) or ``reward`` (returns the reward; pruned on partial rewards)."""
+    (returns accuracy, compression) or ``reward`` (returns the reward; pruned on partial rewards);
+    ``on_sampled(trial)`` is called once the trial's parameters are drawn."""
     import optuna
 
     from kvzap_lab.train import evaluate as held_out_fit
@@ -60,6 +61,8 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
         trial.set_user_attr("worker", worker_record(trial.number))
         values = suggest(trial, space.scorer)
         rule_values = suggest(trial, space.rule)
+        if on_sampled is not None:
+            on_sampled(trial)
         params = scorer_arguments(factory, space, values, seed)
         tags = {"optuna.trial": trial.number, "baseline": trial.user_attrs.get("baseline", "no"), "host": socket.gethostname(), "pid": os.getpid()}
         trial.set_user_attr("mlflow_parent_run_id", parent)

@@ -4,6 +4,7 @@ summarise, verify the pick on fresh samples and log it all to MLflow."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -15,9 +16,9 @@ from tqdm.auto import tqdm
 
 from kvzap_lab import tasks
 from kvzap_lab.studies.space import describe as describe_space
-from kvzap_lab.study import lifecycle, storage
+from kvzap_lab.study import lifecycle, resume, storage
 from kvzap_lab.study.bench import Bench, default_data_dir, load_data, model_name
-from kvzap_lab.study.config import EVAL_SEED_OFFSET, StudyConfig
+from kvzap_lab.study.config import EVAL_SEED_OFFSET, StudyConfig, StudyError
 from kvzap_lab.study.objective import make_objective
 from kvzap_lab.study.report import log_summary, summarize
 from kvzap_lab.study.search import build_space, start_points, trainable_factory
@@ -39,7 +40,7 @@ def make_sampler(name: str, seed: int):
     try:
         import cmaes  # noqa: F401  (Optuna's CmaEsSampler needs it)
     except ImportError:
-        raise storage.StudyError("--sampler cmaes needs the cmaes package: pip install cmaes") from None
+        raise StudyError("--sampler cmaes needs the cmaes package: pip install cmaes") from None
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=12, warn_independent_sampling=False)
 
 
@@ -96,7 +97,8 @@ def _run(config: StudyConfig) -> dict | None:
         check_tracking(tracking_uri)
     if not config.storage:
         storage.check_database(storage_url, "the Optuna storage")
-    sampler = make_sampler(config.sampler, config.seed + 1000 * config.worker_index)
+    sampler_seed = config.seed + 1000 * config.worker_index
+    sampler = make_sampler(config.sampler, sampler_seed)
 
     model, tokenizer = load_model(config.model)
     spec = describe(model)
@@ -117,11 +119,14 @@ def _run(config: StudyConfig) -> dict | None:
     if created:
         for line in skipped:
             print(line, file=sys.stderr)
+    sampler_key = f"sampler_state:{config.sampler}:{sampler_seed}"
+    resume.restore_sampler_state(study, sampler, sampler_key)
     manifest_digest = datasets.sha256_file(data_dir / datasets.MANIFEST)
     with storage.creation_lock(tracking_uri):
         tracker = Tracker.open(tracking_uri, name, {"policy": config.policy, "model": config.model, "model_fingerprint": fp,
                                                     "optuna.study": name}, [dataset_input(data_dir, manifest_digest, short)])
-    storage.fail_stale_trials(study)
+    tracker.end_dead_invocations()
+    resume.fail_stale_trials(study)
     study.set_user_attr("space", {"scorer": describe_space(space.scorer), "rule": describe_space(space.rule), "fixed": space.fixed})
 
     samples = {t: tasks.make_samples(t, tokenizer, config.samples_per_task, config.context_tokens, EVAL_SEED_OFFSET + config.seed) for t in config.tasks}
@@ -132,15 +137,18 @@ def _run(config: StudyConfig) -> dict | None:
     parent = config.parent_run_id
     if parent is None:
         invocation = config.as_params() | {"storage": storage.hide_password(storage_url)}
-        parent = tracker.start(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", invocation, {"kind": "study"})
+        parent = tracker.start(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", invocation,
+                               {"kind": "study", "worker": json.dumps(resume.process_record())})
         tracker.metrics(parent, {"full_accuracy": full_mean} | {f"full_accuracy_{t}": a for t, a in full.items()})
-    objective = make_objective(config.policy, factory, space, bench, full, tracker, parent, seed=config.seed, objectives=config.objectives)
+    objective = make_objective(config.policy, factory, space, bench, full, tracker, parent, seed=config.seed,
+                               objectives=config.objectives,
+                               on_sampled=lambda trial: resume.save_sampler_state(study, sampler, sampler_key))
     procs = []
     try:
         if config.workers > 1:
             procs = lifecycle.start_workers(config, parent)
             torch.set_num_threads(lifecycle.worker_threads(config.workers))
-        lifecycle.optimize(study, objective, config.n_trials, config.timeout, storage.fail_stale_trials)
+        lifecycle.optimize(study, objective, config.n_trials, config.timeout, resume.fail_stale_trials)
         lifecycle.wait_workers(procs)
     except BaseException as err:
         lifecycle.stop_workers(procs)

@@ -13,7 +13,7 @@ import numpy as np
 
 from kvzap_lab.policy import list_policies, resolve_policy
 from kvzap_lab.studies import rule as rule_space
-from kvzap_lab.studies.space import check_space, contains, defaults, override
+from kvzap_lab.studies.space import check_space, contains, defaults, describe, override
 from kvzap_lab.study.config import CALIBRATED_EVICTION, StudyError
 
 
@@ -85,12 +85,5 @@ def start_points(space: SearchSpace, spec, scores: np.ndarray) -> tuple[list[tup
         points += [(space.baseline(tau), kind) for tau in values if tau not in outside]
         if outside:
             skipped.append(f"{kind} start points at tau {', '.join(f'{t:g}' for t in outside)} skipped: outside the "
-                           f"searched tau {describe_dim(space.rule['tau'])}")
+                           f"searched tau {describe({'tau': space.rule['tau']})['tau']}")
     return points, skipped
-
-
-def describe_dim(dim) -> str:
-    """``[low, high]`` or ``{a, b}``."""
-    from kvzap_lab.studies.space import describe
-
-    return describe({"d": dim})["d"]

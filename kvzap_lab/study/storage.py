@@ -7,22 +7,18 @@ of several processes started at once on an empty store exactly one creates the s
 points, once; the others find them. A study records ``start_points_queued`` after its last start point, so a
 creator killed half-way is completed by the next start.
 
-Dead workers: a running trial records its worker (host, pid namespace, pid, process start time). On the same
-host a trial whose process is gone is failed at once; elsewhere Optuna's heartbeat fails it after the grace
-period. Either way the trial's parameters are queued again (Optuna's ``RetryHeartbeatStaleTrialCallback``), so
-the finished trials of an interrupted study are those of an uninterrupted one.
+A trial whose worker died is failed and its parameters queued again (:mod:`kvzap_lab.study.resume`).
 """
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import importlib.util
 import json
 import os
-import socket
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -201,83 +197,11 @@ def queue_start_points(study, points: list[tuple[dict, str]]) -> None:
     """Queue the start points not yet in ``study`` (any state; a killed creator may have queued some), in
     order, then mark the study as having them all."""
     key = lambda params: json.dumps(params, sort_keys=True)  # noqa: E731
-    present = {key(t.system_attrs.get("fixed_params") or t.params) for t in study.get_trials(deepcopy=False)}
-    for params, kind in points:
-        if key(params) not in present:
-            study.enqueue_trial(params, user_attrs={"baseline": kind})
-            checkpoint("start_point")
+    present = Counter(key(t.system_attrs.get("fixed_params") or t.params) for t in study.get_trials(deepcopy=False))
+    for params, kind in points:  # equal start points (two taus rounding alike) are each queued
+        if present[key(params)]:
+            present[key(params)] -= 1
+            continue
+        study.enqueue_trial(params, user_attrs={"baseline": kind})
+        checkpoint("start_point")
     study.set_user_attr(START_POINTS_DONE, True)
-
-
-# ---------------------------------------------------------------------------------------------- dead workers
-
-
-def _proc_start(pid: int | str) -> str | None:
-    """The start time of process ``pid`` in clock ticks since boot (``/proc``; None where unavailable)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _host() -> str:
-    """This machine and pid namespace: pids of trials recorded under the same value are comparable."""
-    parts = [socket.gethostname()]
-    try:
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:
-        pass
-    return "/".join(parts)
-
-
-def worker_record(trial_number: int) -> dict:
-    """What a running trial records about its process (``user_attrs["worker"]``)."""
-    return {"trial": trial_number, "host": _host(), "pid": os.getpid(), "started": _proc_start("self")}
-
-
-def worker_is_gone(record: dict | None, trial_number: int) -> bool:
-    """Whether the process in ``record`` is known to be dead: recorded by this trial (not copied from the trial
-    it retries) on this host, and its pid no longer runs the same process (gone, a zombie, or reused)."""
-    if not record or record.get("trial") != trial_number or record.get("host") != _host():
-        return False
-    try:
-        os.kill(record["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    stat = Path(f"/proc/{record['pid']}/stat")
-    try:
-        state = stat.read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state == "Z" or (record.get("started") is not None and _proc_start(record["pid"]) != record["started"])
-
-
-def fail_stale_trials(study) -> list[int]:
-    """Mark FAIL the running trials whose worker died: at once when it ran on this host and its process is
-    gone, else once its heartbeat is older than the grace period. Their parameters are queued again and their
-    MLflow runs ended (the storage's stale-trial callback). Returns the failed trial numbers."""
-    import optuna
-    from optuna.trial import TrialState
-
-    storage = study._storage
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_is_gone(trial.user_attrs.get("worker"), trial.number):
-            try:
-                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                    failed.append(trial)
-            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
-                pass
-    callback = storage.get_heartbeat_stale_trial_callback()
-    for trial in failed:
-        callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    return [t.number for t in failed] + sorted(after - before)

@@ -131,6 +131,16 @@ class Tracker:
             self.client.log_inputs(run_id, datasets=self.inputs)
         return run_id
 
+    def end_dead_invocations(self) -> None:
+        """End FAILED the parent runs still RUNNING whose process is known to be gone (killed on this host
+        outside any trial, e.g. while verifying); their trials' runs are ended by :func:`stale_trial_callback`."""
+        from kvzap_lab.study.resume import process_gone
+
+        for run in self.client.search_runs([self.experiment_id], "tags.kind = 'study' and attributes.status = 'RUNNING'"):
+            if process_gone(json.loads(run.data.tags.get("worker", "null"))):
+                self.client.set_tag(run.info.run_id, "error", "invocation died (its process is gone)")
+                self.client.set_terminated(run.info.run_id, status="FAILED")
+
     def metrics(self, run_id: str, values: dict, step: int = 0) -> None:
         """Log finite ``{name: float}`` metrics in one call."""
         from mlflow.entities import Metric

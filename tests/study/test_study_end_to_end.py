@@ -243,3 +243,13 @@ def test_mlflow_server_receives_runs_metrics_and_artifacts(tiny, tmp_path, capsy
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def test_a_fixed_tau_skips_the_start_points_with_a_message(tiny, mlflow_template, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert run_cli(args_for(tiny, results, "--space", "tau=-2", "--n-trials", "1", "--verify-samples", "0", template=mlflow_template)) == 0
+    err = capsys.readouterr().err
+    assert "paper start points at tau -9, -8, -7, -6 skipped: outside the searched tau {-2}" in err
+    assert "calibrated start points at tau" in err
+    (trial,) = trials_of(results, default_name(tiny))  # none queued, none failed: one sampled trial at tau -2
+    assert trial.state == TrialState.COMPLETE and trial.params["tau"] == -2 and "baseline" not in trial.user_attrs

@@ -150,18 +150,19 @@ def test_config_checks_its_values_and_round_trips_through_the_command_line():
 
 def test_creation_queues_the_start_points_once_and_completes_a_killed_creator():
     store = optuna.storages.InMemoryStorage()
-    points = [({"tau": float(t), "window": 32}, "paper") for t in (-9, -8, -7)] + [({"tau": -2.5, "window": 32}, "calibrated")]
+    points = [({"tau": float(t), "window": 32}, "paper") for t in (-9, -8)] + [({"tau": -2.5, "window": 32}, "calibrated")] * 2
     identity = {"objectives": "pareto", "model": "m"}
     sampler = optuna.samplers.RandomSampler(seed=0)
-    # A creator killed after queueing two start points: the study has them, without the "all queued" mark.
+    # A creator killed after queueing three start points: the study has them, without the "all queued" mark.
     killed = optuna.create_study(study_name="s", storage=store, directions=["maximize"] * 2)
     killed.set_user_attr("identity", identity)
-    for params, kind in points[:2]:
+    for params, kind in points[:3]:  # the second of two equal calibrated points is missing
         killed.enqueue_trial(params, user_attrs={"baseline": kind})
     study, created = storage.open_study(store, "s", identity, "pareto", sampler, None, points)
     assert not created
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [(t.system_attrs["fixed_params"], t.user_attrs["baseline"]) for t in waiting] == points  # in order, once
+    # (the two equal calibrated points are both there, as a creator that was not killed queues them)
     assert study.user_attrs[storage.START_POINTS_DONE]
     storage.open_study(store, "s", identity, "pareto", sampler, None, points)  # a later start queues nothing
     assert len(study.get_trials()) == 4
