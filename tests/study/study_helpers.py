@@ -1,5 +1,6 @@
-"""Helpers of the study tests: study arguments on the tiny model, the command run in-process, and readers of
-both stores."""
+"""Fixtures and helpers of the study tests (imported by each test file: a second conftest.py would shadow
+tests/conftest.py for ``import conftest``): a tiny random Llama with a tiny oracle dataset, a ready MLflow
+store, study arguments on the tiny model, the command run in-process, and readers of both stores."""
 
 from __future__ import annotations
 
@@ -10,15 +11,53 @@ import socket
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from kvzap_lab import cli
-from kvzap_lab.model import fingerprint
+from kvzap_lab import cli, collect
+from kvzap_lab.model import fingerprint, random_tiny_model
 from kvzap_lab.study import cli as study_cli
+from kvzap_lab.testbed import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+_BUILT: dict = {}  # fixtures imported by several test files are built once per session
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Llama checkpoint with the chat tokenizer, and a tiny oracle dataset collected on it."""
+    if "tiny" not in _BUILT:
+        _BUILT["tiny"] = _make_tiny(tmp_path_factory)
+    return _BUILT["tiny"]
+
+
+def _make_tiny(tmp_path_factory):
+    tokenizer = train_tokenizer(vocab_size=300, lines=2000)
+    model = random_tiny_model(
+        "llama", seed=0, vocab_size=len(tokenizer), max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    root = tmp_path_factory.mktemp("study")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    argv = ["--model", str(root / "model"), "--out", str(root / "data"), "--tasks", "single_needle,copy",
+            "--n-sequences", "8", "--context-tokens", "40", "--tokens-per-sequence", "16"]
+    assert collect.main(argv) == 0
+    return root / "model", root / "data", model
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables created: creating them takes ~10-20 s, so each test copies it."""
+    if "mlflow" not in _BUILT:
+        path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+        _BUILT["mlflow"] = path
+    return _BUILT["mlflow"]
 
 
 def args_for(tiny, results: Path, *extra: str, template: Path | None = None) -> list[str]:

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from study_helpers import ENV, REPO, args_for, free_port, run_cli
+from study_helpers import ENV, REPO, args_for, free_port, run_cli, tiny  # noqa: F401  (fixture)
 
 
 def test_bad_policy_sampler_and_unreachable_services_fail_with_one_line(tiny, tmp_path, capsys):

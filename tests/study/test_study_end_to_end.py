@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from study_helpers import ENV, args_for, default_name, free_port, run_cli, runs_of, trials_of
+from study_helpers import ENV, args_for, default_name, free_port, mlflow_template, run_cli, runs_of, tiny, trials_of  # noqa: F401
 
 from kvzap_lab import data
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from study_helpers import ENV, REPO, args_for, default_name, finished_set, run_cli, runs_of, trials_of
+from study_helpers import ENV, REPO, args_for, default_name, finished_set, mlflow_template, run_cli, runs_of, tiny, trials_of  # noqa: F401
 
 from kvzap_lab.study import lifecycle, resume, storage
 from kvzap_lab.study.tracking import stale_trial_callback

@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
+from study_helpers import tiny  # noqa: F401  (fixture)
 
 from kvzap_lab.model import describe, fingerprint
 from kvzap_lab.studies import rule
