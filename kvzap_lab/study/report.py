@@ -1,0 +1,167 @@
+"""What a study shows: the summary of its complete trials (Pareto front, best point within 1 point of
+full-cache accuracy, comparison with the paper default), the printed table, the plots, the parent run's
+artifacts and metrics, and the one-line JSON of ``--json``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+from pathlib import Path
+
+from kvzap_lab.study.config import ACCURACY_TOLERANCE, TARGET_COMPRESSION
+from kvzap_lab.study.metrics import best_at_target, compression_ratio, hypervolume, pareto_front
+
+TABLE_COLUMNS = ("trial", "baseline", "accuracy", "accuracy_drop", "compression", "compression_ratio", "r2", "reward")
+SUMMARY_METRICS = ("full_accuracy", "best_compression_at_target", "baseline_best_compression_at_target", "hypervolume",
+                   "baseline_hypervolume", "improvement_compression", "improvement_hypervolume_ratio")
+
+
+def summarize(study, full_mean: float) -> dict:
+    """Rows of every complete trial, the Pareto front, and the target / paper-baseline comparisons."""
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        result = t.user_attrs.get("result")
+        if result is not None:
+            rows.append({"trial": t.number, "baseline": t.user_attrs.get("baseline") == "paper", "params": t.params} | result)
+    points = [(r["accuracy"], r["compression"]) for r in rows]
+    base = [r for r in rows if r["baseline"]]
+    best_row, base_row = best_at_target(rows, full_mean), best_at_target(base, full_mean)
+    summary = {
+        "rows": rows,
+        "front": [rows[i] for i in pareto_front(points)],
+        "full_accuracy": full_mean,
+        "best_at_target": best_row,
+        "best_compression_at_target": None if best_row is None else best_row["compression"],
+        "baseline_best_compression_at_target": None if base_row is None else base_row["compression"],
+        "hypervolume": hypervolume(points),
+        "baseline_hypervolume": hypervolume([(r["accuracy"], r["compression"]) for r in base]) if base else None,
+    }
+    best = summary["best_compression_at_target"]
+    summary["target_met"] = best is not None and best >= TARGET_COMPRESSION
+    if best is not None and summary["baseline_best_compression_at_target"] is not None:
+        summary["improvement_compression"] = best - summary["baseline_best_compression_at_target"]
+    if base and summary["baseline_hypervolume"]:
+        summary["improvement_hypervolume_ratio"] = summary["hypervolume"] / summary["baseline_hypervolume"]
+    return summary
+
+
+def table_rows(summary: dict) -> list[dict]:
+    """The Pareto front as flat rows (metrics then parameters), for the printed and stored tables."""
+    return [{k: r[k] for k in TABLE_COLUMNS} | r["params"] for r in summary["front"]]
+
+
+def format_table(summary: dict) -> str:
+    """The printed Pareto table plus the target, baseline and verification lines."""
+    rows = table_rows(summary)
+    lines = [f"Pareto front ({len(rows)} of {len(summary['rows'])} complete trials; full-cache accuracy {summary['full_accuracy']:.3f})"]
+    head = f"{'trial':>5} {'paper':>5} {'acc':>6} {'drop':>6} {'compr':>6} {'x':>5} {'R2':>6} {'tau':>6} {'win':>4}"
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['trial']:>5} {'yes' if r['baseline'] else '':>5} {r['accuracy']:>6.3f} {r['accuracy_drop']:>6.3f} "
+            f"{r['compression']:>6.3f} {r['compression_ratio']:>5.2f} {r['r2']:>6.3f} {r.get('tau', float('nan')):>6.2f} "
+            f"{r.get('window', ''):>4}"
+        )
+    best, base = summary["best_compression_at_target"], summary["baseline_best_compression_at_target"]
+    fmt = lambda c: "none" if c is None else f"{c:.3f} ({compression_ratio(c):.2f}x)"  # noqa: E731
+    lines.append(f"best compression within {100 * ACCURACY_TOLERANCE:g} point of full-cache accuracy: {fmt(best)}; "
+                 f"target >= {compression_ratio(TARGET_COMPRESSION):g}x: {'met' if summary['target_met'] else 'not met'}")
+    lines.append(f"paper default (default scorer parameters, e.g. MLP width hidden/8; paper tau grid) at the same accuracy: {fmt(base)}")
+    if "improvement_compression" in summary:
+        lines.append(f"improvement over the paper default: {100 * summary['improvement_compression']:+.1f} points of compression")
+    if "improvement_hypervolume_ratio" in summary:
+        lines.append(f"hypervolume (accuracy x compression): {summary['hypervolume']:.4f} vs paper default "
+                     f"{summary['baseline_hypervolume']:.4f} ({summary['improvement_hypervolume_ratio']:.2f}x)")
+    v = summary.get("verified")
+    if v is not None:
+        lines.append(f"verified on {v['samples_per_task']} fresh samples per task (seed {v['seed']}): trial {v['trial']} "
+                     f"accuracy {v['accuracy']:.3f} vs full cache {v['full_accuracy']:.3f} (drop {v['accuracy_drop']:+.3f}), "
+                     f"compression {v['compression']:.3f} ({v['compression_ratio']:.2f}x); target "
+                     f"{'met' if v['target_met'] else 'not met'}")
+    return "\n".join(lines)
+
+
+def json_summary(summary: dict) -> dict:
+    """The summary without the per-trial rows (``--json``'s line): front as flat rows, the best point, the
+    comparisons, the verification and where the study lives."""
+    out = {k: v for k, v in summary.items() if k not in ("rows", "front", "best_at_target")}
+    best = summary["best_at_target"]
+    out["n_complete"] = len(summary["rows"])
+    out["front"] = table_rows(summary)
+    out["best_at_target"] = None if best is None else {k: best[k] for k in TABLE_COLUMNS} | best["params"]
+    return out
+
+
+def _axes(fig, ax, path: Path, legend_size: int, dpi: int) -> None:
+    """Shared finish of the accuracy-vs-compression plots: 4x marker, axes, grid, legend, save, close."""
+    import matplotlib.pyplot as plt
+
+    ax.axvline(TARGET_COMPRESSION, color="grey", linestyle=":", label="4x compression")
+    ax.set(xlabel="compression (fraction of KV pairs evicted)", ylabel="accuracy", xlim=(-0.02, 1.0), ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def trial_plot(per_task: dict, full: dict, accuracy: float, compression: float, path: Path) -> None:
+    """Accuracy against compression for one trial: a point per task, the full cache at 0, the mean as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (task, result) in enumerate(per_task.items()):
+        color = f"C{i % 10}"
+        ax.scatter([result["compression"]], [result["accuracy"]], color=color, label=task)
+        ax.scatter([0.0], [full[task]], facecolors="none", edgecolors=color)
+    ax.scatter([compression], [accuracy], marker="*", s=200, color="black", label="mean")
+    _axes(fig, ax, path, legend_size=7, dpi=90)
+
+
+def plot_front(summary: dict, path: Path) -> None:
+    """Every complete trial, the Pareto front, the paper-default trials, the full cache and the 4x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = summary["rows"]
+    ax.scatter([r["compression"] for r in rows], [r["accuracy"] for r in rows], color="lightgrey", label="trials")
+    base = [r for r in rows if r["baseline"]]
+    ax.scatter([r["compression"] for r in base], [r["accuracy"] for r in base], marker="x", color="C0", label="paper default")
+    front = summary["front"]
+    ax.plot([r["compression"] for r in front], [r["accuracy"] for r in front], "o-", color="C3", label="Pareto front")
+    ax.axhline(summary["full_accuracy"], color="black", linestyle="--", label="full cache")
+    _axes(fig, ax, path, legend_size=8, dpi=100)
+
+
+def log_summary(tracker, parent: str, summary: dict) -> None:
+    """Parent-run artifacts (Pareto plot, best-trials CSV and markdown) and summary metrics."""
+    rows = table_rows(summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_front(summary, Path(tmp) / "pareto_front.png")
+        columns = list(dict.fromkeys(k for r in rows for k in r)) or list(TABLE_COLUMNS)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        (Path(tmp) / "best_trials.csv").write_text(buffer.getvalue())
+        markdown = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        markdown += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+        (Path(tmp) / "best_trials.md").write_text("\n".join(markdown) + "\n\n```\n" + format_table(summary) + "\n```\n")
+        for name in ("pareto_front.png", "best_trials.csv", "best_trials.md"):
+            tracker.client.log_artifact(parent, str(Path(tmp) / name))
+    tracker.metrics(parent, {k: summary.get(k) for k in SUMMARY_METRICS} | {"n_complete": len(summary["rows"]), "target_met": float(summary["target_met"])})
+    verified = summary.get("verified") or {}
+    tracker.metrics(parent, {f"verified_{k}": float(v) for k, v in verified.items() if k not in ("samples_per_task", "seed")})
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
