@@ -220,9 +220,10 @@ class EvictionRun:
             self._captured = stack.enter_context(capture_attention_inputs(self.model))
         stack.enter_context(attention_override(self.model, _attend(self)))
         decoder = self.model.model
+        # ``m is decoder``: a deep copy of the model carries these hooks too, and must compute plainly
         handles = [
-            decoder.register_forward_pre_hook(lambda m, a, k: _begin_forward(self, a, k), with_kwargs=True),
-            decoder.register_forward_hook(lambda m, a, k, out: _end_forward(self), with_kwargs=True),
+            decoder.register_forward_pre_hook(lambda m, a, k: _begin_forward(self, a, k) if m is decoder else None, with_kwargs=True),
+            decoder.register_forward_hook(lambda m, a, k, out: _end_forward(self) if m is decoder else None, with_kwargs=True),
         ]
         stack.callback(lambda: [h.remove() for h in handles])
         self._hooks = stack
@@ -373,6 +374,8 @@ def _attend(run: EvictionRun):
 
     def attend(module, query, key, value, attention_mask, base, **kwargs):
         cache, idx = run.cache, module.layer_idx
+        if cache is None or cache.step is None:  # a deep copy of the model, which carries the hooks: plain attention
+            return base(module, query, key, value, attention_mask, **kwargs)
         layer = cache.layers[idx]
         b, n_heads, q, d = query.shape
         kv_heads, n = key.shape[1], key.shape[2]
