@@ -57,7 +57,9 @@ def check_action(action, config: EnvConfig, space: spaces.Space, batch: int | No
     if config.action_type == "binary":
         if not (action.dtype == np.bool_ or np.issubdtype(action.dtype, np.integer) or np.issubdtype(action.dtype, np.floating)):
             raise TypeError(f"a keep/evict action is an array of 0/1 (MultiBinary: int8; bool and float 0.0/1.0 work too); got dtype {action.dtype}")
-        if action.dtype != np.bool_ and not np.isin(action, (0, 1)).all():
+        if action.dtype != np.bool_ and (
+            action.min() < 0 or action.max() > 1 or (action.dtype.kind == "f" and not ((action == 0) | (action == 1)).all())
+        ):
             raise ValueError("a keep/evict action holds only 0 (evict) and 1 (keep)")
         return action.astype(bool)
     if not np.issubdtype(action.dtype, np.floating):
@@ -165,7 +167,8 @@ class KVEvictionEnv(gym.Env):
     ## Arguments
     ``gym.make("kvzap_lab/KVEviction-v0", model="testbed", **options)``: ``model`` is a name (loaded once per
     process and shared by every env that names it) or a loaded model with ``tokenizer=``; several envs may share
-    one model (they take turns on it). Options (:func:`kvzap_lab.envs.config.configure`): the sample pool
+    one model (they take turns on it; between steps the model carries the hooks of the env that stepped last:
+    ``kvzap_lab.engine.release(model)`` before using it plainly). Options (:func:`kvzap_lab.envs.config.configure`): the sample pool
     (``samples=`` or ``task``, ``n_samples``, ``context_tokens``, ``sample_seed``), ``policy`` (a name or a
     :class:`~kvzap_lab.policy.Policy`; ``checkpoint=`` for a trained scorer), ``window``, ``sinks``,
     ``chunk_size`` (64), ``evict_every`` (1), ``compact_every``, ``max_candidates`` (default

@@ -14,8 +14,9 @@ scorer's own hard threshold at ``tau``, which is what evaluation runs.
 
 The result is an ordinary scorer checkpoint (the scorer class's own ``save``) that ``evaluate``, the envs and the
 study load unchanged. Without ``--checkpoint`` a supervised scorer is first fitted (as ``learn_thresholds.py``
-does) and saved beside the result. The last line with ``--json`` compares the supervised and the learned scorer
-on held-out samples at the same tau (greedy decoding: accuracy, compression, reward).
+does) and saved beside the result. The held-out comparison runs the supervised and the learned scorer at tau and
+around it (``--eval-tau-offsets``; greedy decoding: accuracy, compression, reward): compare them at equal
+compression, not at equal tau (the learned scores may shift). ``--json`` ends with the result as one line.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Args:
     memory_weight: float = 1.0
     fidelity_weight: float = 1.0
     oracle_weight: float = 1.0
+    eval_tau_offsets: str = "-1,0,1"
+    """held-out evaluation at tau plus each of these offsets (comma-separated): accuracy against compression"""
     seed: int = 0
     progress: bool = True
 
@@ -139,28 +142,31 @@ def train(args: Args, scorer: KVzapMLP | None = None) -> KVzapMLP:
     return learned
 
 
-def evaluate_scorers(args: Args, scorers: dict[str, KVzapMLP]) -> dict[str, dict]:
+def evaluate_scorers(args: Args, scorers: dict[str, KVzapMLP]) -> list[dict]:
     """Held-out samples (after the training ones, same seed), greedy decoding, each scorer's hard threshold at
-    ``args.tau`` through :class:`PolicyAgent`: mean reward, accuracy, compression, oracle mass retained."""
+    ``args.tau`` plus each of ``args.eval_tau_offsets`` through :class:`PolicyAgent`: one row per (scorer, tau)
+    with the mean reward, accuracy, compression and oracle mass retained."""
     model, tokenizer = shared_model(args.model)
     pool = make_samples(args.task, tokenizer, args.n_train + args.n_heldout, args.context_tokens, seed=args.seed)[args.n_train :]
-    out = {}
+    rows = []
     for name, scorer in scorers.items():
-        policy = Policy(name, scorer, Threshold(tau=args.tau, window=args.window, sinks=args.sinks))
-        agent, env = PolicyAgent(policy), make_env(args, 1, pool, decoding="greedy", policy=policy)
-        totals = {"reward": 0.0, "accuracy": 0.0, "compression": 0.0, "oracle_mass_retained": 0.0}
-        for k in range(len(pool)):
-            obs, _ = env.reset(options={"sample": k})
-            done = False
-            while not done:
+        for offset in (float(x) for x in args.eval_tau_offsets.split(",")):
+            policy = Policy(name, scorer, Threshold(tau=args.tau + offset, window=args.window, sinks=args.sinks))
+            agent, env = PolicyAgent(policy), make_env(args, len(pool), pool, decoding="greedy", policy=policy)
+            obs, _ = env.reset(options={"sample": list(range(len(pool)))})  # one row per held-out sample
+            totals = {"reward": 0.0, "accuracy": 0.0, "compression": 0.0, "oracle_mass_retained": 0.0}
+            done = np.zeros(len(pool), dtype=bool)
+            while not done.all():
                 obs, reward, terminated, _, info = env.step(agent.act(obs))
-                totals["reward"] += float(reward[0])
-                done = bool(terminated[0])
-            for key in ("accuracy", "compression", "oracle_mass_retained"):
-                totals[key] += float(info[key][0])
-        env.close()
-        out[name] = {k: v / len(pool) for k, v in totals.items()}
-    return out
+                totals["reward"] += float(reward[~done].sum())
+                ending = terminated & ~done
+                if ending.any():  # the vector env's infos carry "accuracy" only on steps where a row ends
+                    for key in ("accuracy", "compression", "oracle_mass_retained"):
+                        totals[key] += float(info[key][ending].sum())
+                done |= terminated
+            env.close()
+            rows.append({"scorer": name, "tau": args.tau + offset} | {k: v / len(pool) for k, v in totals.items()})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -189,9 +195,10 @@ def main(argv=None) -> int:
     learned = train(args, supervised)
     result = {"args": asdict(args), "heldout": evaluate_scorers(args, {"supervised": supervised, "rl": learned}),
               "seconds": round(time.perf_counter() - started, 1)}
-    print(f"held-out ({args.n_heldout} samples, tau={args.tau}, greedy)  reward   accuracy  compression  oracle kept")
-    for name, s in result["heldout"].items():
-        print(f"  {name:<12} {s['reward']:+.4f}  {s['accuracy']:.3f}     {s['compression']:.3f}        {s['oracle_mass_retained']:.4f}")
+    print(f"held-out ({args.n_heldout} samples, greedy)  tau     reward   accuracy  compression  oracle kept")
+    for s in result["heldout"]:
+        print(f"  {s['scorer']:<12} {s['tau']:+6.2f}  {s['reward']:+.4f}  {s['accuracy']:.3f}     {s['compression']:.3f}        "
+              f"{s['oracle_mass_retained']:.4f}")
     print(f"learned scorer saved to {args.out} ({result['seconds']} s)")
     if as_json:
         print(json.dumps(result))

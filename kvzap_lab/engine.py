@@ -26,6 +26,12 @@ arrive before the next one, so decode appends do not grow the storage.
 Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
 layer's sliding window, if any). New tokens get their true positions: each row counts its real tokens, so left
 padding is ignored, as in ``model.generate``. ``policy=None`` runs the same engine as a full cache.
+
+Two more ways in: decisions from outside (``evicting(..., offer=Offer(window, sinks))``: at each eviction point
+``run.pending()`` describes the pairs that just left the window and ``run.decide(keep)`` evicts the others; the
+envs are built on it), and :func:`prefill` once / :meth:`Prefill.branch` per policy (evaluation of many policies
+on the same prompts with a one-chunk prefill). A run's hooks stay on the model while it is attached
+(:meth:`EvictionRun.attach`); :func:`release` makes the model plain again.
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ class Pending:
     ``D`` hidden size:
 
     - ``start``, ``count`` ``[b]`` long; ``positions [b, C]`` long (-1 beyond ``count``);
-    - ``mask [b, L, H, C]`` bool: the pair is held and offered (False beyond ``count`` and on padding);
+    - ``mask [b, L, H, C]`` bool: offered (the first ``count[i]`` columns of row ``i``, in every layer and head);
     - ``scores [b, L, H, C]`` float32: the policy scorer's stored scores (NaN where ``mask`` is False), or ``None``
       without a scorer;
     - ``hidden [b, L, C, D]``: the hidden state entering each attention layer at each offered token (zeros beyond
@@ -133,38 +139,40 @@ class Pending:
 
 
 class _HiddenWindow:
-    """Hidden states ``[L, b, R, D]`` of each row's recent tokens, at slot ``position % R`` (``R`` grows on demand):
-    what :attr:`Pending.hidden` reads when the tokens are offered."""
+    """Hidden states ``[L, b * R, D]`` of each row's recent tokens, row ``r``'s position ``p`` at ``r * R + p % R``
+    (``R`` grows on demand): what :attr:`Pending.hidden` reads when the tokens are offered."""
 
     def __init__(self):
         self.ring: Tensor | None = None
+        self.size = 0  # R
+
+    def _slots(self, positions: Tensor) -> Tensor:
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        return rows * self.size + positions % self.size  # [b, n]
 
     def write(self, hidden: Tensor, positions: Tensor, valid: Tensor | None, oldest: Tensor) -> None:
         """Store ``hidden [L, b, q, D]`` at ``positions [b, q]`` (real tokens only); positions from ``oldest [b]`` on
         must stay readable."""
-        n_layers, b, _, d = hidden.shape
+        n_layers, b, q, d = hidden.shape
         need = int((positions[:, -1] - oldest).max()) + 1
-        if self.ring is None or need > self.ring.shape[2]:
-            size = 1 << max(need - 1, 1).bit_length()
-            ring = hidden.new_zeros(n_layers, b, size, d)
-            if self.ring is not None:  # move the readable positions to their new slots
-                old = self.ring.shape[2]
-                pos = oldest[:, None] + torch.arange(old, device=oldest.device)  # [b, old]
-                rows = torch.arange(b, device=oldest.device)[:, None].expand_as(pos)
-                ring[:, rows, pos % size] = self.ring[:, rows, pos % old]
-            self.ring = ring
+        if self.ring is None or need > self.size:
+            old, old_size = self.ring, self.size
+            self.size = 1 << max(need - 1, 1).bit_length()
+            self.ring = hidden.new_zeros(n_layers, b * self.size, d)
+            if old is not None:  # move the readable positions to their new slots
+                keep = oldest[:, None] + torch.arange(old_size, device=oldest.device)  # [b, old_size]
+                rows = torch.arange(b, device=oldest.device)[:, None]
+                self.ring.index_copy_(1, self._slots(keep).flatten(), old.index_select(1, (rows * old_size + keep % old_size).flatten()))
+        slots = self._slots(positions)
         if valid is None:
-            rows = torch.arange(b, device=positions.device)[:, None].expand_as(positions)
-            self.ring[:, rows, positions % self.ring.shape[2]] = hidden
+            self.ring.index_copy_(1, slots.flatten(), hidden.reshape(n_layers, b * q, d))
         else:
-            rows, cols = valid.nonzero(as_tuple=True)
-            self.ring[:, rows, positions[rows, cols] % self.ring.shape[2]] = hidden[:, rows, cols]
+            self.ring.index_copy_(1, slots[valid], hidden[:, valid])
 
     def read(self, positions: Tensor) -> Tensor:
         """Hidden states ``[b, L, C, D]`` at ``positions [b, C]`` (zeros where a position is -1)."""
-        b = positions.shape[0]
-        rows = torch.arange(b, device=positions.device)[:, None].expand_as(positions)
-        out = self.ring[:, rows, positions.clamp_min(0) % self.ring.shape[2]]  # [L, b, C, D]
+        b, n = positions.shape
+        out = self.ring.index_select(1, self._slots(positions.clamp_min(0)).flatten()).view(-1, b, n, self.ring.shape[2])
         return out.masked_fill((positions < 0)[None, :, :, None], 0.0).transpose(0, 1)
 
 
@@ -254,11 +262,11 @@ class EvictionRun:
         keep = torch.as_tensor(keep, device=offered.mask.device)
         if keep.shape != offered.mask.shape:
             raise ValueError(f"keep must have the shape of pending().mask {tuple(offered.mask.shape)} [b, L, H, C]; got {tuple(keep.shape)}")
-        flags = torch.cat([keep.bool(), keep.new_ones(*keep.shape[:3], 1, dtype=torch.bool)], -1)  # index C: not offered
-        for idx, (layer, index) in enumerate(zip(self.cache.layers, self._slots)):
-            evict = ~flags[:, idx].gather(2, index)
-            if evict.any():
-                layer.drop(evict)
+        keep = keep.bool() | ~offered.mask
+        flags = torch.cat([keep, keep.new_ones(*keep.shape[:3], 1)], -1)  # index C: not offered
+        for idx, (layer, index, evicting_here) in enumerate(zip(self.cache.layers, self._slots, (~keep).any((0, 2, 3)).tolist())):
+            if evicting_here:
+                layer.drop(~flags[:, idx].gather(2, index))
         self._offered, self._slots = None, []
         self._compact()
 
@@ -308,7 +316,10 @@ def _begin_forward(run: EvictionRun, args: tuple, kwargs: dict) -> tuple[tuple, 
     if run.cache is not None and cache is not run.cache and run._pending:
         raise RuntimeError("evicting() serves one cache at a time: finish (or discard) one generation before the next")
     if run._offered is not None:
-        raise RuntimeError("pairs offered at the last eviction point await run.decide(keep): decide them before the next forward")
+        raise RuntimeError(
+            "pairs offered at the last eviction point await run.decide(keep): decide them before the next forward "
+            "(a plain forward of a model an env is using? kvzap_lab.engine.release(model) first)"
+        )
     if run.offer is not None and (cache is not run.cache or run._next_offer is None):  # a new sequence: nothing offered
         run._next_offer = torch.full((b,), run.offer.sinks, dtype=torch.long, device=tokens.device)
         run._window = _HiddenWindow()
@@ -438,31 +449,38 @@ def _end_forward(run: EvictionRun) -> None:
 
 def _offer(run: EvictionRun, last: Tensor) -> None:
     """Offer the pairs that left the window since the last offer (``CompactLayer.evictable`` from each row's first
-    position not offered yet): set ``run._offered`` (``None`` if there are none) and where they sit in the slots."""
+    position not offered yet): set ``run._offered`` (``None`` if there are none) and where they sit in the slots.
+
+    A pair not offered yet is held in every layer and KV head (nothing else evicts it), so the offered positions of
+    a row are the same everywhere: ``first .. newest``, read from the first layer."""
     cache, first = run.cache, run._next_offer
-    candidates = [layer.evictable(last, run.offer.window, first[:, None, None]) for layer in cache.layers]
-    newest = torch.stack([
-        layer.positions[:, :, : layer.used].masked_fill(~c, -1).amax((1, 2)) if layer.used else first - 1
-        for layer, c in zip(cache.layers, candidates)
-    ]).amax(0)  # [b], first - 1 where nothing is offered
+    layer = cache.layers[0]
+    if not layer.used:
+        run._offered = None
+        return
+    candidates = layer.evictable(last, run.offer.window, first[:, None, None])
+    newest = layer.positions[:, :, : layer.used].masked_fill(~candidates, -1).amax((1, 2))  # [b], -1: none
     count = (newest - first + 1).clamp_min(0)
     n = int(count.max())
     if n == 0:
         run._offered = None
         return
-    b, h = cache.layers[0].alive.shape[:2]
+    b, h = layer.alive.shape[:2]
     columns = torch.arange(n, device=first.device)
-    positions = torch.where(columns < count[:, None], first[:, None] + columns, -1)  # [b, C]
-    masks, scores, run._slots = [], [], []
-    for layer, offered in zip(cache.layers, candidates):
-        index = (layer.positions[:, :, : layer.used] - first[:, None, None]).masked_fill_(~offered, n)  # C: not offered
+    held = columns < count[:, None]  # [b, C]
+    positions = torch.where(held, first[:, None] + columns, -1)
+    scores, run._slots = [], []
+    for layer in cache.layers:
+        index = layer.positions[:, :, : layer.used] - first[:, None, None]
+        offered = layer.alive[:, :, : layer.used] & (index >= 0) & (index < count[:, None, None])
+        index = index.masked_fill_(~offered, n)  # C: not offered
         run._slots.append(index)
-        masks.append(offered.new_zeros(b, h, n + 1).scatter_(2, index, offered)[..., :n])
         if run.policy is not None:
             scores.append(layer.scores.new_full((b, h, n + 1), math.nan).scatter_(2, index, layer.scores[:, :, : layer.used])[..., :n])
     run._next_offer = torch.maximum(first, newest + 1)
+    mask = held[:, None, None, :].expand(b, len(cache.layers), h, n)
     hidden = run._window.read(positions) if run.offer.hidden else None
-    run._offered = Pending(first, count, positions, torch.stack(masks, 1), torch.stack(scores, 1) if scores else None, hidden)
+    run._offered = Pending(first, count, positions, mask, torch.stack(scores, 1) if scores else None, hidden)
 
 
 def eviction_run(

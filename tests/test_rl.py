@@ -90,5 +90,8 @@ def test_reinforce_moves_the_scorer_along_the_reward_and_saves_a_checkpoint(supe
     again = rl.train(rl.Args(**{**vars(args), "out": str(tmp_path / "again")}))
     for (W, b), (W2, b2) in zip(learned.weights_, again.weights_):
         assert torch.equal(W, W2) and torch.equal(b, b2)
+    rows = rl.evaluate_scorers(rl.Args(**{**vars(args), "n_heldout": 2, "eval_tau_offsets": "0,2"}), {"rl": learned})
+    assert [(r["scorer"], r["tau"]) for r in rows] == [("rl", -6.0), ("rl", -4.0)]
+    assert rows[0]["compression"] < rows[1]["compression"] and all(0 <= r["accuracy"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="episodes >= 2"):
         rl.train(rl.Args(**{**vars(args), "episodes": 1}))
