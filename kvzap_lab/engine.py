@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
-from kvzap_lab.cache import CompactCache, Compression
+from kvzap_lab.cache import CompactCache, Compression, outside_window
 from kvzap_lab.kernels import ScorerWeights, score_and_threshold, uses_triton
 from kvzap_lab.model import UnsupportedModelError, attention_override, capture_attention_inputs, describe
 from kvzap_lab.policy import Policy
@@ -145,10 +145,12 @@ class _HiddenWindow:
     def __init__(self):
         self.ring: Tensor | None = None
         self.size = 0  # R
+        self._rows: Tensor | None = None  # [b, 1]: each row's first slot
 
     def _slots(self, positions: Tensor) -> Tensor:
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        return rows * self.size + positions % self.size  # [b, n]
+        if self._rows is None or self._rows.shape[0] != positions.shape[0]:
+            self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None] * self.size
+        return self._rows + positions % self.size  # [b, n]
 
     def write(self, hidden: Tensor, positions: Tensor, valid: Tensor | None, oldest: Tensor) -> None:
         """Store ``hidden [L, b, q, D]`` at ``positions [b, q]`` (real tokens only); positions from ``oldest [b]`` on
@@ -157,7 +159,7 @@ class _HiddenWindow:
         need = int((positions[:, -1] - oldest).max()) + 1
         if self.ring is None or need > self.size:
             old, old_size = self.ring, self.size
-            self.size = 1 << max(need - 1, 1).bit_length()
+            self.size, self._rows = 1 << max(need - 1, 1).bit_length(), None
             self.ring = hidden.new_zeros(n_layers, b * self.size, d)
             if old is not None:  # move the readable positions to their new slots
                 keep = oldest[:, None] + torch.arange(old_size, device=oldest.device)  # [b, old_size]
@@ -262,11 +264,12 @@ class EvictionRun:
         keep = torch.as_tensor(keep, device=offered.mask.device)
         if keep.shape != offered.mask.shape:
             raise ValueError(f"keep must have the shape of pending().mask {tuple(offered.mask.shape)} [b, L, H, C]; got {tuple(keep.shape)}")
-        keep = keep.bool() | ~offered.mask
-        flags = torch.cat([keep, keep.new_ones(*keep.shape[:3], 1)], -1)  # index C: not offered
-        for idx, (layer, index, evicting_here) in enumerate(zip(self.cache.layers, self._slots, (~keep).any((0, 2, 3)).tolist())):
-            if evicting_here:
-                layer.drop(~flags[:, idx].gather(2, index))
+        drop = ~keep.bool()
+        evicting = (drop & offered.mask).any((0, 2, 3)).tolist()  # per layer
+        evict = torch.cat([drop, drop.new_zeros(*drop.shape[:3], 1)], -1)  # index C: not offered
+        for layer, index, flags, any_evicted in zip(self.cache.layers, self._slots, evict.unbind(1), evicting):
+            if any_evicted:  # columns beyond a row's count map to no slot: never read
+                layer.drop(flags.gather(2, index))
         self._offered, self._slots = None, []
         self._compact()
 
@@ -448,39 +451,37 @@ def _end_forward(run: EvictionRun) -> None:
 
 
 def _offer(run: EvictionRun, last: Tensor) -> None:
-    """Offer the pairs that left the window since the last offer (``CompactLayer.evictable`` from each row's first
-    position not offered yet): set ``run._offered`` (``None`` if there are none) and where they sit in the slots.
+    """Offer the pairs that left the window since the last offer (positions from each row's first one not offered
+    yet to :func:`~kvzap_lab.cache.outside_window`, as ``CompactLayer.evictable``): set ``run._offered`` (``None`` if
+    there are none) and where they sit in the slots.
 
-    A pair not offered yet is held in every layer and KV head (nothing else evicts it), so the offered positions of
-    a row are the same everywhere: ``first .. newest``, read from the first layer."""
+    A row holds every position up to its newest token, and a pair not offered yet is held in every layer and KV
+    head (nothing else evicts it): the offered positions of a row are ``first .. newest`` everywhere."""
     cache, first = run.cache, run._next_offer
-    layer = cache.layers[0]
-    if not layer.used:
-        run._offered = None
-        return
-    candidates = layer.evictable(last, run.offer.window, first[:, None, None])
-    newest = layer.positions[:, :, : layer.used].masked_fill(~candidates, -1).amax((1, 2))  # [b], -1: none
+    newest = outside_window(last, run.offer.window)  # [b]
     count = (newest - first + 1).clamp_min(0)
     n = int(count.max())
     if n == 0:
         run._offered = None
         return
-    b, h = layer.alive.shape[:2]
+    b, h = cache.layers[0].alive.shape[:2]
+    n_layers = len(cache.layers)
     columns = torch.arange(n, device=first.device)
     held = columns < count[:, None]  # [b, C]
     positions = torch.where(held, first[:, None] + columns, -1)
-    scores, run._slots = [], []
-    for layer in cache.layers:
+    scores = None if run.policy is None else cache.layers[0].scores.new_full((b, n_layers, h, n + 1), math.nan)
+    run._slots = []
+    for idx, layer in enumerate(cache.layers):
         index = layer.positions[:, :, : layer.used] - first[:, None, None]
         offered = layer.alive[:, :, : layer.used] & (index >= 0) & (index < count[:, None, None])
         index = index.masked_fill_(~offered, n)  # C: not offered
         run._slots.append(index)
-        if run.policy is not None:
-            scores.append(layer.scores.new_full((b, h, n + 1), math.nan).scatter_(2, index, layer.scores[:, :, : layer.used])[..., :n])
+        if scores is not None:
+            scores[:, idx].scatter_(2, index, layer.scores[:, :, : layer.used])
     run._next_offer = torch.maximum(first, newest + 1)
-    mask = held[:, None, None, :].expand(b, len(cache.layers), h, n)
+    mask = held[:, None, None, :].expand(b, n_layers, h, n)
     hidden = run._window.read(positions) if run.offer.hidden else None
-    run._offered = Pending(first, count, positions, mask, torch.stack(scores, 1) if scores else None, hidden)
+    run._offered = Pending(first, count, positions, mask, None if scores is None else scores[..., :n], hidden)
 
 
 def eviction_run(
