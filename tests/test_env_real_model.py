@@ -26,15 +26,16 @@ def windows(smollm2):
 
 
 def test_env_by_name_passes_check_env_and_plays_an_episode_on_smollm2(smollm2_cache, windows, monkeypatch):
-    """``gym.make(..., model="smollm2-135m")`` (loaded once, shared by the envs check_env makes) passes check_env;
-    the oracle policy as an agent plays an episode with compact observations."""
+    """``gym.make(..., model="smollm2-135m", context_tokens=256)`` on the chat task suite (loaded once, shared by the
+    envs check_env makes) passes check_env with no warning; the oracle policy as an agent plays an episode on text
+    windows with compact observations."""
     from kvzap_lab.envs.config import clear_shared_models
     from kvzap_lab.gguf_models import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(smollm2_cache))
     policy = get_policy("oracle", rule=Threshold(tau=-6.0, window=32, sinks=4))
     try:
-        env = gym.make("kvzap_lab/KVEviction-v0", model="smollm2-135m", samples=windows, chunk_size=64, policy=policy,
+        env = gym.make("kvzap_lab/KVEviction-v0", model="smollm2-135m", context_tokens=256, n_samples=2, policy=policy,
                        render_mode="ansi")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
