@@ -1,12 +1,14 @@
 """The KVzip+ oracle against a brute-force reference built from eager attention weights."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from kvzap_lab import oracle
+from kvzap_lab import oracle, oracle_attention
 from kvzap_lab.model import capture_attention_inputs, describe, load_model, output_projection_per_head
 from kvzap_lab.model import random_tiny_model
 from kvzap_lab.oracle import RepeatTemplate, decode_oracle_scores, oracle_scores, repeat_prompt, score_contexts
@@ -71,6 +73,15 @@ def reference_scores(eager, template, context, normalize=True, chunk_size=None, 
     return best.log()
 
 
+@pytest.fixture(params=["fused", "generic"])
+def path(request, monkeypatch):
+    """Both attention paths of the oracle: the fused CPU kernel (paper definition) and the generic one (the
+    model's own attention plus the scores' own log-sum-exp: other devices, sliding windows, kvpress)."""
+    if request.param == "generic":
+        monkeypatch.setattr(oracle_attention, "_FLASH", None)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def testbed():
     model, tokenizer = load_model("testbed", device="cpu", dtype=torch.float32)
@@ -79,7 +90,7 @@ def testbed():
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_matches_eager_reference_on_random_gqa_models(model_type, normalize):
+def test_matches_eager_reference_on_random_gqa_models(model_type, normalize, path):
     model = random_tiny_model(model_type, seed=3)
     assert describe(model).group_size == 2 and model.config._attn_implementation == "sdpa"
     context = random_ids(37, seed=1)
@@ -94,7 +105,7 @@ def test_matches_eager_reference_on_random_gqa_models(model_type, normalize):
     assert model.config._attn_implementation == "sdpa"  # the override is undone
 
 
-def test_chunked_scores_match_the_chunked_reference():
+def test_chunked_scores_match_the_chunked_reference(path):
     model = random_tiny_model("llama", seed=4)
     context = random_ids(50, seed=2)
     expected = reference_scores(eager_twin(model), TEMPLATE, context, chunk_size=16, anchor=3)
@@ -104,16 +115,16 @@ def test_chunked_scores_match_the_chunked_reference():
     assert (got - unchunked).abs().max() > 1e-4  # chunking is a different (bounded-memory) oracle
 
 
-def test_query_blocks_do_not_change_scores(monkeypatch):
+def test_query_blocks_do_not_change_scores(monkeypatch, path):
     model = random_tiny_model("llama", seed=5)
     context = random_ids(30, seed=3)
     whole = oracle_scores(model, TEMPLATE, context)
-    monkeypatch.setattr(oracle, "BLOCK_ELEMENTS", 7)  # one query per block
+    monkeypatch.setattr(oracle_attention, "BLOCK_ELEMENTS", 7)  # one query per block
     torch.testing.assert_close(oracle_scores(model, TEMPLATE, context), whole, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2048, 12])
-def test_padded_batch_equals_one_by_one(chunk_size):
+def test_padded_batch_equals_one_by_one(chunk_size, path):
     model = random_tiny_model("qwen3", seed=6)
     contexts = [random_ids(n, seed=n) for n in (9, 30, 21)]
     batch = score_contexts(model, TEMPLATE, contexts, chunk_size=chunk_size, return_hidden=True)
@@ -212,3 +223,47 @@ def test_testbed_matches_eager_reference(testbed):
         torch.testing.assert_close(unchunked, expected, atol=1e-5, rtol=1e-5)  # log-scores up to ~10: fp32 rounding
     text_scores = oracle_scores(model, tokenizer, tokenizer.decode(context))
     assert text_scores.shape[-1] == len(tokenizer.encode(tokenizer.decode(context), add_special_tokens=False))
+
+
+GOLDEN = Path(__file__).parent / "golden" / "oracle" / "scores-aadc42f.safetensors"
+
+
+def test_equals_the_previous_oracle(testbed, path):
+    """The fused oracle equals the oracle before it (commit aadc42f, tests/golden/oracle/make_scores.py) on the
+    test bed and a tiny random Llama, batched, chunked and unchunked: within 1e-5 on log-scores, 2e-5 on the test
+    bed's log-scores of up to 11 (fp32 rounding: both are 2-4e-5 from a float64 eager reference there)."""
+    from safetensors import safe_open
+
+    model, tokenizer = testbed
+    tiny = random_tiny_model("llama", seed=21, num_hidden_layers=3)
+    with safe_open(str(GOLDEN), "pt") as handle:
+        cases = json.loads(handle.metadata()["cases"])
+        golden = {name: handle.get_tensor(name) for name in handle.keys()}
+    assert len(cases) == 6
+    for case in cases:
+        name, n = case.pop("name"), case.pop("n")
+        target, template = (model, tokenizer) if name.startswith("testbed") else (tiny, TEMPLATE)
+        contexts = [golden[f"{name}.{i}.ids"].tolist() for i in range(n)]
+        results = score_contexts(target, template, contexts, **case)
+        for i, result in enumerate(results):
+            atol = 2e-5 if target is model else 1e-5
+            torch.testing.assert_close(result.scores, golden[f"{name}.{i}.scores"], atol=atol, rtol=0, msg=name)
+
+
+def test_the_fused_kernel_serves_plain_causal_models_and_sliding_windows_fall_back(monkeypatch):
+    calls = []
+    kernel = oracle_attention._FLASH
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(oracle_attention, "_FLASH", counting)
+    oracle_scores(random_tiny_model("llama", seed=9), TEMPLATE, random_ids(20, seed=9))
+    assert len(calls) == 2 * 2  # the repeat step of each of 2 layers: cached keys + the step's own keys
+    calls.clear()
+    gemma = random_tiny_model("gemma3_text", seed=9)  # sliding window 32 on most layers: the mask is not causal
+    context = random_ids(45, seed=9)
+    got = oracle_scores(gemma, TEMPLATE, context)
+    assert len(calls) == 0
+    torch.testing.assert_close(got, reference_scores(eager_twin(gemma), TEMPLATE, context), atol=1e-5, rtol=0)
