@@ -267,3 +267,109 @@ def test_the_fused_kernel_serves_plain_causal_models_and_sliding_windows_fall_ba
     got = oracle_scores(gemma, TEMPLATE, context)
     assert len(calls) == 0
     torch.testing.assert_close(got, reference_scores(eager_twin(gemma), TEMPLATE, context), atol=1e-5, rtol=0)
+
+
+KVPRESS_GOLDEN = Path(__file__).parent / "golden" / "kvpress"
+
+
+def check_kvpress_golden(model, tokenizer, name, unchunked=True):
+    """definition='kvpress' equals real kvpress 0.5.5's KVzipPress(kvzip_plus_normalization=True) scores (the
+    golden file of tests/golden/kvpress, before kvpress overwrites its sinks) on the same prompt."""
+    from safetensors.torch import load_file
+
+    golden = load_file(str(KVPRESS_GOLDEN / name / "golden.safetensors"))
+    start, end = golden["context_span"].tolist()
+    prompt = golden["prompt_ids"][0].tolist()
+    template = oracle.repeat_template(tokenizer, "kvpress")
+    assert list(template.prefix) == prompt[:start]  # the same prompt: prefix, then (one chunk) the repeat pass
+    assert list(template.middle) + prompt[start:end] == golden["repeat_ids_0"][0].tolist()
+    expected = golden["scores"][..., start:end].log()
+    got = oracle_scores(model, tokenizer, prompt[start:end], definition="kvpress")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    if unchunked:
+        whole = oracle_scores(model, tokenizer, prompt[start:end], definition="kvpress", chunk_size=None)
+        torch.testing.assert_close(whole, expected, atol=2e-5, rtol=0)
+    paper = oracle_scores(model, tokenizer, prompt[start:end])
+    assert (paper - expected).abs().max() > 1.0  # the two definitions differ
+
+
+def test_kvpress_definition_matches_kvzippress_on_the_test_bed(testbed, path):
+    check_kvpress_golden(*testbed, "kvzip_testbed")
+
+
+@pytest.mark.real_model
+def test_kvpress_definition_matches_kvzippress_on_smollm2(smollm2):
+    check_kvpress_golden(*smollm2, "kvzip_smollm2", unchunked=False)
+
+
+def reference_kvpress(eager, template, context, chunk_size, anchor):
+    """KVzipPress's scores by brute force from eager attention weights: per chunk, the softmax over the first
+    4 keys, the chunk's context keys and the repeat chunk, the max over every query of the repeat chunk."""
+    spec = describe(eager)
+    prefix = list(template.prefix)
+    chunks = [context[i : i + chunk_size] for i in range(0, len(context), chunk_size)]
+    scores = torch.zeros(spec.n_layers, spec.n_kv_heads, len(context))
+    for k, chunk in enumerate(chunks):
+        repeat = template.lead(k, chunks[k - 1][-anchor:] if k else []) + chunk
+        sequence = prefix + context + repeat
+        cache = DynamicCache()
+        with torch.no_grad(), capture_attention_inputs(eager) as hidden:
+            eager(torch.tensor([sequence]), use_cache=True, cache=cache)
+        start = len(prefix) + k * chunk_size
+        sink = min(4, start)
+        keys_of = lambda t: torch.cat([t[:, :sink], t[:, start : start + len(chunk)], t[:, -len(repeat) :]], dim=1)
+        for layer in range(spec.n_layers):
+            module = eager.model.layers[layer].self_attn
+            keys, values = keys_of(cache.layers[layer].keys[0]), keys_of(cache.layers[layer].values[0])
+            queries = module.q_proj(hidden[layer][0, -len(repeat) :]).view(len(repeat), spec.n_heads, -1)
+            cos, sin = eager.model.rotary_emb(queries, torch.arange(len(sequence) - len(repeat), len(sequence))[None])
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            queries, _ = apply_rotary_pos_emb(queries.transpose(0, 1)[None], queries.transpose(0, 1)[None], cos, sin)
+            w_o = output_projection_per_head(module, spec.n_heads, spec.head_dim)
+            h_norm = hidden[layer][0, -len(repeat) :].norm(dim=-1)
+            for h in range(spec.n_heads):
+                g = h // spec.group_size
+                logits = queries[0, h] @ keys[g].T / spec.head_dim**0.5
+                n = len(repeat)
+                logits[:, -n:] = logits[:, -n:].masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+                a = logits.softmax(-1) / h_norm[:, None] * (values[g] @ w_o[h].T).norm(dim=-1)[None]
+                best = a[:, sink : sink + len(chunk)].max(dim=0).values
+                cols = slice(k * chunk_size, k * chunk_size + len(chunk))
+                scores[layer, g, cols] = torch.maximum(scores[layer, g, cols], best)
+    return scores.log()
+
+
+KVPRESS_TEMPLATE = RepeatTemplate(prefix=(1, 5, 6, 11, 12, 13), middle=(7, 8, 9, 10, 14), continued=(20, 21), after_anchor=(14,))
+
+
+def test_kvpress_definition_over_chunks_matches_a_brute_force_kvzippress(path):
+    """Several chunks (each chunk's keys scored by its own repeat: later chunks' instruction, anchor, suffix),
+    batched rows of other lengths, and a prefix shorter than kvpress's 4 sinks."""
+    model = random_tiny_model("llama", seed=12)
+    eager = eager_twin(model)
+    contexts = [random_ids(n, seed=n) for n in (50, 23)]
+    results = score_contexts(model, KVPRESS_TEMPLATE, contexts, chunk_size=16, anchor=3, definition="kvpress")
+    for context, result in zip(contexts, results):
+        expected = reference_kvpress(eager, KVPRESS_TEMPLATE, context, 16, 3)
+        torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0)
+    short = RepeatTemplate(prefix=(1, 5), middle=(7, 8, 9), continued=(20,), after_anchor=(14,))
+    got = oracle_scores(model, short, contexts[1], chunk_size=16, anchor=3, definition="kvpress")
+    torch.testing.assert_close(got, reference_kvpress(eager, short, contexts[1], 16, 3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="definition must be one of paper, kvpress; got 'kvzip'"):
+        oracle_scores(model, TEMPLATE, contexts[1], definition="kvzip")
+
+
+@pytest.mark.real_model
+def test_oracle_on_smollm2_equals_an_eager_kvzip_plus(smollm2):
+    model, tokenizer = smollm2
+    text = (KVPRESS_GOLDEN / "kvzip_smollm2" / "meta.json").read_text()
+    context = tokenizer.encode(json.loads(text)["context_text"], add_special_tokens=False)[:120]
+    template = oracle.repeat_template(tokenizer)
+    expected = reference_scores(eager_twin(model), template, context)  # eager softmax(QK^T) rows, by hand
+    got = oracle_scores(model, tokenizer, context)
+    assert got.shape == (30, 3, 120)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)  # fp32 rounding through 30 layers
+    batched = score_contexts(model, tokenizer, [context[:70], context])  # padded rows: each equals its own run
+    torch.testing.assert_close(batched[1].scores, got, atol=2e-5, rtol=0)
+    torch.testing.assert_close(batched[0].scores, oracle_scores(model, tokenizer, context[:70]), atol=2e-5, rtol=0)
