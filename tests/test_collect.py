@@ -1,5 +1,6 @@
 """Training-data collection: shards, manifest, split, resume after kill -9, and loading with integrity checks."""
 
+import argparse
 import json
 import os
 import signal
@@ -321,3 +322,78 @@ def test_decode_phase_rows_come_from_generated_tokens(checkpoint, tmp_path, caps
     torch.testing.assert_close(dataset.X_train[rows], expected_x, atol=1e-5, rtol=0)
     scores = oracle.decode_oracle_scores(model, tokenizer, prompt, generated)
     torch.testing.assert_close(dataset.y_train[rows], scores[:, :, positions].permute(2, 0, 1), atol=1e-5, rtol=0)
+
+
+class StubCorpus:
+    """The shape of kvzap_lab.corpus.Corpus that collection uses: name, split(split, seed), manifest()."""
+
+    name = "stub"
+
+    def __init__(self, texts: dict[str, list[str]]):
+        self.texts = texts
+
+    def split(self, split, seed=0):
+        return [type("Document", (), {"text": t})() for t in self.texts[split]]
+
+    def manifest(self):
+        return {"name": self.name, "sha256": "0" * 64}
+
+
+def test_corpus_windows_keep_the_corpus_split_and_draw_lengths_in_range(checkpoint):
+    _, tokenizer = load_model(checkpoint, device="cpu")
+    corpus = StubCorpus({
+        "train": [f"the red fox {i} sees the owl . the owl is calm in the morning ." * 6 for i in range(30)],
+        "test": [f"var alpha = {i} . var beta = alpha ." * 8 for i in range(12)],
+    })
+    contexts = collect.corpus_contexts(tokenizer, corpus, 20, (40, 60), seed=3, prefix=[1, 2], test_fraction=0.2)
+    assert [c.split for c in contexts] == ["train"] * 16 + ["test"] * 4
+    assert all(40 <= len(c.ids) <= 60 and c.prefix == [1, 2] for c in contexts)
+    assert all("alpha" in tokenizer.decode(c.ids) for c in contexts if c.split == "test")
+    assert not any("alpha" in tokenizer.decode(c.ids) for c in contexts if c.split == "train")
+    again = collect.corpus_contexts(tokenizer, corpus, 20, (40, 60), seed=3, prefix=[1, 2], test_fraction=0.2)
+    assert [c.ids for c in again] == [c.ids for c in contexts]  # seeded
+    other = collect.corpus_contexts(tokenizer, corpus, 20, (40, 60), seed=4, prefix=[1, 2], test_fraction=0.2)
+    assert [c.ids for c in other] != [c.ids for c in contexts]
+    with pytest.raises(ValueError, match="holds .* test windows of 40-60 tokens, fewer than the 30 asked"):
+        collect.corpus_contexts(tokenizer, corpus, 60, (40, 60), seed=3, prefix=[], test_fraction=0.5)
+    assert collect.token_range("750:1250") == (750, 1250) and collect.token_range("64") == (64, 64)
+    for bad in ("0", "9:3", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="MIN:MAX"):
+            collect.token_range(bad)
+
+
+def test_kvpress_definition_labels(checkpoint, tmp_path, capsys):
+    out = tmp_path / "kvpress"
+    args = ["--model", checkpoint, "--out", out, "--tasks", "copy", "--n-sequences", 2, "--context-tokens", 40,
+            "--tokens-per-sequence", 6, "--test-fraction", 0, "--oracle-definition", "kvpress"]
+    code, _ = run_cli(args, capsys)
+    assert code == 0
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    dataset = load_dataset(out, model)
+    assert dataset.manifest["oracle"]["definition"] == "kvpress"
+    context = collect.task_contexts(tokenizer, ["copy"], 2, 40, seed=0)[0]
+    scores = oracle.oracle_scores(model, tokenizer, context.ids, definition="kvpress")
+    positions = collect.sample_positions(len(context.ids), 6, seed=0, sequence=0)
+    rows = dataset.groups_train == 0
+    torch.testing.assert_close(dataset.y_train[rows], scores[:, :, positions].permute(2, 0, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.real_model
+def test_a_short_collection_on_smollm2(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    corpus = StubCorpus({"train": [(REPO / "README.md").read_text()], "test": [collect.__doc__]})
+    prefix = list(oracle.repeat_template(tokenizer).prefix)
+    contexts = collect.corpus_contexts(tokenizer, corpus, 3, (90, 130), seed=0, prefix=prefix, test_fraction=0.34)
+    settings = {"model_name": "smollm2-135m", "source": {"kind": "corpus", "corpus": corpus.manifest()}, "seed": 0,
+                "test_fraction": 0.34, "tokens_per_sequence": 12, "decode_tokens": 0, "dtype": "bfloat16",
+                "oracle": {"normalize": True, "chunk_size": 2048, "anchor": 8}}
+    summary = collect.collect(model, tokenizer, contexts, tmp_path / "d", settings, shard_size=2, batch_size=2,
+                              show_progress=False)
+    assert (summary["n_train"], summary["n_test"], summary["complete"]) == (24, 12, True)
+    dataset = load_dataset(tmp_path / "d", model)
+    assert dataset.X_train.shape == (24, 30, 576) and dataset.y_train.shape == (24, 30, 3)
+    result = oracle.score_contexts(model, tokenizer, [contexts[0].ids], return_hidden=True)[0]
+    positions = collect.sample_positions(len(contexts[0].ids), 12, seed=0, sequence=0)
+    rows = dataset.groups_train == 0
+    torch.testing.assert_close(dataset.y_train[rows], result.scores[:, :, positions].permute(2, 0, 1), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dataset.X_train[rows], result.hidden[positions].bfloat16().float(), atol=0, rtol=0)
