@@ -358,7 +358,7 @@ def _open_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
     """Create the manifest, or check the existing one has the same settings (``overwrite``: replace it)."""
     existing = data.read_manifest(out) if (out / data.MANIFEST).exists() else None
     if existing is not None and overwrite:
-        for entry in existing["plan"]:
+        for entry in existing.get("plan", existing["shards"]):  # a v1 dataset lists its finished shards only
             data.remove_shard(out, entry["file"])
         (out / data.MANIFEST).unlink()
     existing = data.create_manifest(out, manifest)

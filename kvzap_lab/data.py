@@ -37,6 +37,7 @@ from kvzap_lab import io
 
 MANIFEST = "manifest.json"
 FORMAT = "kvzap-lab/oracle-data/v2"
+FORMAT_V1 = "kvzap-lab/oracle-data/v1"  # read for training (finished shards listed in the manifest itself)
 SPLITS = ("train", "test")
 _SHARD_SUFFIX = ".safetensors"
 
@@ -127,10 +128,11 @@ def read_manifest(directory: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path} is not valid JSON ({err}); delete the directory and collect again") from err
+    if manifest.get("format") == FORMAT_V1:
+        return manifest
     if manifest.get("format") != FORMAT:
         raise DatasetError(
-            f"{path} is not a kvzap-lab oracle dataset of this version (format {manifest.get('format')!r}, want "
-            f"{FORMAT!r}); collect it again (python -m kvzap_lab.collect ... --overwrite)"
+            f"{path} is not a kvzap-lab oracle dataset (format {manifest.get('format')!r}, want {FORMAT!r})"
         )
     shards = []
     for planned in manifest["plan"]:
@@ -152,10 +154,10 @@ def _read_record(directory: Path, planned: dict) -> dict | None:
 
 
 def shard_problem(directory: Path, entry: dict) -> str | None:
-    """Why a recorded shard cannot be used (missing, or its sha256 differs from its record), or None."""
+    """Why a finished shard cannot be used (missing, or its sha256 differs from its record), or None."""
     path = Path(directory) / entry["file"]
     if not path.exists():
-        return f"shard {entry['file']} recorded in {directory} is missing"
+        return f"shard {entry['file']} listed in {directory} is missing"
     actual = sha256_file(path)
     if actual != entry["sha256"]:
         return (
@@ -224,7 +226,7 @@ def load_dataset(
             )
     if not manifest["complete"] and not allow_partial:
         raise DatasetError(
-            f"{directory} is an unfinished collection ({len(manifest['shards'])} of {len(manifest['plan'])} shards); "
+            f"{directory} is an unfinished collection ({len(manifest['shards'])} of {manifest['n_shards']} shards); "
             "rerun the same collect command to finish it, or pass allow_partial=True"
         )
     shapes = manifest["shapes"]

@@ -143,7 +143,7 @@ def small_dataset(tmp_path, model):
     plan = [{"file": f"{split}-{k:05d}.safetensors", "split": split, "sequences": [k]}
             for k, split in enumerate(["train", "train", "test"])]
     manifest = {"format": data.FORMAT, "model": {"name": "tiny", "fingerprint": fingerprint(model)},
-                "shapes": {"layers": 2, "hidden": 64, "kv_heads": 2}, "dtype": "float32", "plan": plan}
+                "shapes": {"layers": 2, "hidden": 64, "kv_heads": 2}, "dtype": "float32", "plan": plan, "n_shards": 3}
     assert data.create_manifest(out, manifest)["complete"] is False
     for k, entry in enumerate(plan):
         rows = {"X": torch.randn(4, 2, 64), "y": torch.randn(4, 2, 2), "sequence": torch.full((4,), k),
@@ -176,7 +176,7 @@ def test_load_dataset_names_bad_shards_and_other_models(tmp_path):
     with pytest.raises(DatasetError, match="train-00001.safetensors .* corrupt or truncated"):
         load_dataset(out)
     shard.unlink()
-    with pytest.raises(DatasetError, match="shard train-00001.safetensors recorded in .* is missing"):
+    with pytest.raises(DatasetError, match="shard train-00001.safetensors listed in .* is missing"):
         load_dataset(out)
     shard.write_bytes(original)
 
@@ -187,6 +187,14 @@ def test_load_dataset_names_bad_shards_and_other_models(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         load_dataset(tmp_path)
     assert data.create_manifest(out, {"format": data.FORMAT, "plan": []})["plan"] != []  # the first creator wins
+
+    # a dataset of the first format (finished shards listed in the manifest) still loads for training
+    v1 = data.read_manifest(out) | {"format": data.FORMAT_V1, "complete": True}
+    v1["shards"] = [dict(entry, n=4, sha256=data.sha256_file(out / entry["file"])) for entry in v1.pop("plan")]
+    for entry in v1["shards"]:
+        (out / data.record_name(entry["file"])).unlink(missing_ok=True)
+    (out / data.MANIFEST).write_text(json.dumps(v1))
+    assert load_dataset(out, model).X_train.shape == (8, 2, 64)
 
 
 def shard_digests(directory: Path) -> dict[str, str]:
