@@ -337,13 +337,15 @@ def _run_chunked(model, template, ids, scoring: ScoringAttention, chunk_size, si
     positions = torch.arange(length, device=device).expand_as(tokens)
     cache = DynamicCache()
     hidden_parts = []
+    lengths = [prefix + len(c) for c in ids]
     for s in range(0, length, chunk_size):
         e = min(length, s + chunk_size)
-        _forward(model, tokens[:, s:e], real[:, :e], positions[:, s:e], cache)
+        rows = tuple(RowPlan(max(0, min(n, e) - s), min(n, s), (0, 0), (0, 0)) for n in lengths)  # nothing scored
+        scoring.run(ForwardPlan(s, rows), lambda: _forward(model, tokens[:, s:e], real[:, :e], positions[:, s:e], cache))
         if return_hidden:
             hidden_parts.append(_stack_hidden(scoring.captured))
     chunks = [[c[i : i + size] for i in range(0, len(c), size)] for c, size in zip(ids, sizes)]
-    context_end = torch.tensor([prefix + len(c) for c in ids], device=device)
+    context_end = torch.tensor(lengths, device=device)
     for k in range(max(len(c) for c in chunks)):
         rows, plans = [], []
         for row_chunks, size in zip(chunks, sizes):

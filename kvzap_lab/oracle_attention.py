@@ -99,7 +99,9 @@ class ScoringAttention:
             raise ValueError(f"definition must be one of {DEFINITIONS}, got {self.definition!r}")
 
     def run(self, plan: ForwardPlan | None, forward) -> None:
-        """Call ``forward()`` with ``plan`` scored (``None``: plain attention)."""
+        """Call ``forward()`` under ``plan`` (``None``: the model's own attention). A plan without scored rows
+        (the prefill) gets the fused per-row attention too, so a padded batch costs what its rows cost one by one.
+        Under a plan the forward stops after the last layer's attention: nothing after it is used."""
         self.plan, self._structural = plan, {}
         try:
             forward()
@@ -112,11 +114,28 @@ class ScoringAttention:
         plan = self.plan
         if plan is None:
             return base(module, query, key, value, attention_mask, **kwargs)
-        layer = module.layer_idx
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        scoring = any(q1 > q0 and k1 > k0 for (q0, q1), (k0, k1) in ((r.scored, r.kept) for r in plan.rows))
+        fast = (self.definition == "paper" or not scoring) and self._flash_fits(query, attention_mask, key.shape[2])
+        if fast:
+            out, lse = _flash_rows(query, key, value, plan, scale)
+        else:
+            out, lse = base(module, query, key, value, attention_mask, **kwargs)[0], None
+        if scoring:
+            self._score(module, query, key, value, attention_mask, lse, scale)
+        if module.layer_idx == self.n_layers - 1:
+            raise _Scored
+        return out, None
+
+    def _score(self, module, query, key, value, attention_mask, lse, scale: float) -> None:
+        """Fold this layer's scored rows into ``best`` (``lse``: the softmax's log-sum-exp, or None to take it
+        from the scores' own logits)."""
+        plan, layer = self.plan, module.layer_idx
         heads, dim = query.shape[1], query.shape[3]
         kv_heads = key.shape[1]
         group = heads // kv_heads
-        scale = dim**-0.5 if self.definition == "kvpress" else (kwargs.get("scaling") or dim**-0.5)
+        if self.definition == "kvpress":
+            scale = dim**-0.5  # KVzipPress divides by sqrt(head_dim) whatever the model's scaling
         if self.normalize:
             offsets = -self.captured[layer].float().norm(dim=-1).clamp_min(_TINY).log()  # [b, q]
             if layer not in self.log_value_norms:
@@ -126,19 +145,15 @@ class ScoringAttention:
         best = self.best.get(layer)
         if best is None:
             width = self.context[1] - self.context[0]
-            best = self.best[layer] = torch.full((query.shape[0], kv_heads, group, width), float("-inf"), device=query.device)
-        fast = self.definition == "paper" and self._flash_fits(query, attention_mask, key.shape[2])
-        if fast:
-            out, lse = _flash_rows(query, key, value, plan, scale)
-        else:
-            out = base(module, query, key, value, attention_mask, **kwargs)[0]
+            best = torch.full((query.shape[0], kv_heads, group, width), float("-inf"), device=query.device)
+            self.best[layer] = best
         for r, row in enumerate(plan.rows):
             q0, q1 = row.scored
             k0, k1 = row.kept
             if q1 <= q0 or k1 <= k0:
                 continue
             queries = query[r, :, q0:q1].float() * scale  # [heads, nq, dim]
-            if fast:
+            if lse is not None:
                 shift = offsets[r, q0:q1] - lse[r, :, q0:q1]  # [heads, nq]
                 row_best = _max_with_known_lse(queries, shift, key[r, :, k0:k1].float())
             else:
@@ -146,9 +161,6 @@ class ScoringAttention:
                 row_best = _max_with_own_lse(queries, offsets[r, q0:q1], keys, allowed, kept)
             columns = slice(k0 - self.context[0], k1 - self.context[0])
             best[r, :, :, columns] = torch.maximum(best[r, :, :, columns], row_best)
-        if layer == self.n_layers - 1:
-            raise _Scored
-        return out, None
 
     def finish(self) -> torch.Tensor:
         """Log scores ``[b, layers, kv_heads, width]``: max over each KV group of best (+ log ||W_O,h v_i||)."""

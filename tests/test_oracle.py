@@ -260,7 +260,7 @@ def test_the_fused_kernel_serves_plain_causal_models_and_sliding_windows_fall_ba
 
     monkeypatch.setattr(oracle_attention, "_FLASH", counting)
     oracle_scores(random_tiny_model("llama", seed=9), TEMPLATE, random_ids(20, seed=9))
-    assert len(calls) == 2 * 2  # the repeat step of each of 2 layers: cached keys + the step's own keys
+    assert len(calls) == 2 + 2 * 2  # 2 layers: the prefill (causal), the repeat (cached keys, then its own keys)
     calls.clear()
     gemma = random_tiny_model("gemma3_text", seed=9)  # sliding window 32 on most layers: the mask is not causal
     context = random_ids(45, seed=9)
