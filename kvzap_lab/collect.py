@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from kvzap_lab import cli, data, io, oracle
+from kvzap_lab.faults import kill_point
 from kvzap_lab.model import MODEL_HELP, capture_attention_inputs, describe, fingerprint, load_model
 
 # Defaults by source (KVzap-like windows of the corpus, which a real model reads by default; tasks and text files
@@ -52,7 +52,6 @@ OTHER_SOURCE_DEFAULTS = {"n_sequences": 200, "context_tokens": (256, 256), "toke
 TESTBED_DEFAULTS = {"dtype": "float32", "shard_size": 16, "batch_size": 8}
 REAL_MODEL_DEFAULTS = {"dtype": "bfloat16", "shard_size": 8, "batch_size": 1}
 DTYPES = ("float32", "bfloat16", "float16")
-KILL_ENV = "KVZAP_LAB_COLLECT_KILL_AT"  # tests: "shard:N" / "record:N" kills this process after its N-th shard / record
 
 
 @dataclass
@@ -241,12 +240,6 @@ def _split_of_contexts(contexts: list[Context], settings: dict) -> dict[str, lis
     return {name: [i for i, c in enumerate(contexts) if c.split == name] for name in data.SPLITS}
 
 
-def _die_if_asked(point: str, count: int) -> None:
-    """Tests: SIGKILL this process at a named point (``KVZAP_LAB_COLLECT_KILL_AT=shard:2``), no wall clock."""
-    if os.environ.get(KILL_ENV) == f"{point}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def collect(
     model,
     tokenizer,
@@ -328,12 +321,11 @@ def collect(
     with tqdm(
         total=sum(len(s["sequences"]) for s in todo), desc="oracle", unit="seq", disable=not show_progress
     ) as progress:
-        for count, shard in enumerate(todo, start=1):
+        for shard in todo:
             rows = _shard_rows(model, tokenizer, contexts, shard["sequences"], manifest, batch_size, progress)
             sha = data.write_shard(out, shard["file"], rows)
-            _die_if_asked("shard", count)
+            kill_point("collect.shard-written")  # tests: the shard in place, its record not yet
             data.write_record(out, dict(shard, n=len(rows["y"]), sha256=sha))
-            _die_if_asked("record", count)
     final = data.read_manifest(out)
     counts = {name: sum(e["n"] for e in final["shards"] if e["split"] == name) for name in data.SPLITS}
     shapes = manifest["shapes"]
@@ -395,8 +387,7 @@ def _contexts(args, tokenizer, from_corpus: bool) -> tuple[list[Context], dict]:
     if not from_corpus:
         from kvzap_lab import tasks
 
-        spec = args.tasks or "all"
-        names = list(tasks.TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+        names = list(tasks.TASKS) if args.tasks in (None, ["all"]) else args.tasks
         contexts = task_contexts(tokenizer, names, args.n_sequences, lo, args.seed)
         return contexts, {"kind": "tasks", "tasks": names, "context_tokens": lo}
     from kvzap_lab.corpus import load_corpus
@@ -443,7 +434,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--out", type=Path, help="dataset directory (default results/data/<model-name>)")
-    parser.add_argument("--tasks", help="comma-separated task names, or 'all' (default for the test bed)")
+    parser.add_argument("--tasks", nargs="+", action=cli.ListOption, help="task names, or 'all' (the test bed's default)")
     parser.add_argument("--text-files", nargs="+", type=Path, help="collect from these UTF-8 files instead")
     parser.add_argument("--corpus", default="default", help="the text corpus of a real model (kvzap_lab.corpus)")
     parser.add_argument("--n-sequences", type=cli.positive_int, help="sequences (corpus 224, tasks and text files 200)")

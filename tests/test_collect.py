@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvzap_lab import cli, collect, data, oracle
+from kvzap_lab import cli, collect, data, faults, oracle
 from kvzap_lab.data import DatasetError, load_dataset
 from kvzap_lab.model import TESTBED_PATH, capture_attention_inputs, fingerprint, load_model, random_tiny_model
 from kvzap_lab.tasks import make_samples
@@ -50,7 +50,7 @@ def run_cli(args, capsys):
     return code, json.loads(lines[-1]) if code == 0 else None
 
 
-BASE = ["--tasks", "single_needle,copy,kv_retrieval", "--n-sequences", 7, "--context-tokens", 64]
+BASE = ["--tasks", "single_needle", "copy", "kv_retrieval", "--n-sequences", 7, "--context-tokens", 64]
 BASE += ["--tokens-per-sequence", 20, "--shard-size", 2, "--batch-size", 3, "--test-fraction", 0.3, "--dtype", "float32"]
 
 
@@ -202,13 +202,13 @@ def shard_digests(directory: Path) -> dict[str, str]:
     return {p.name: data.sha256_file(p) for p in sorted(directory.glob("*.safetensors"))}
 
 
-COLLECT = [sys.executable, "-m", "kvzap_lab.collect", "--tasks", "single_needle,copy", "--n-sequences", "10",
+COLLECT = [sys.executable, "-m", "kvzap_lab.collect", "--tasks", "single_needle", "copy", "--n-sequences", "10",
            "--context-tokens", "64", "--tokens-per-sequence", "16", "--shard-size", "1", "--batch-size", "2", "--json"]
 
 
 def start_collect(out: Path, *extra: str, kill_at: str | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in (collect.KILL_ENV, "RANK", "WORLD_SIZE")}
-    env |= {"OMP_NUM_THREADS": "1", **({collect.KILL_ENV: kill_at} if kill_at else {})}
+    env = {k: v for k, v in os.environ.items() if k not in (faults.ENV_VAR, "RANK", "WORLD_SIZE")}
+    env |= {"OMP_NUM_THREADS": "1", **({faults.ENV_VAR: kill_at} if kill_at else {})}
     return subprocess.Popen([*COLLECT, "--out", str(out), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
 
@@ -225,7 +225,7 @@ def test_two_workers_a_kill_9_and_a_resume_equal_one_process(tmp_path):
     a one-process run's."""
     shared, single = tmp_path / "shared", tmp_path / "single"
     workers = [start_collect(shared, "--num-workers", "2", "--worker-index", "0"),
-               start_collect(shared, "--num-workers", "2", "--worker-index", "1", kill_at="shard:2")]
+               start_collect(shared, "--num-workers", "2", "--worker-index", "1", kill_at="collect.shard-written:2")]
     alone = start_collect(single)
     (code0, summary0), (code1, _) = finish(workers[0]), finish(workers[1])
     assert code0 == 0 and summary0["worker"] == [0, 2] and summary0["shards_written"] == 5
