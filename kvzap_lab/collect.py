@@ -101,7 +101,7 @@ def text_contexts(tokenizer, files, n: int, context_tokens: int, seed: int, pref
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"text file {path} is not UTF-8 text ({err})") from err
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)  # whole files: longer than the window
         for start in range(0, len(ids), context_tokens):
             window = ids[start : start + context_tokens]
             if len(window) >= min(16, context_tokens):
@@ -125,7 +125,7 @@ def corpus_contexts(
     for split, count in (("train", n - n_test), ("test", n_test)):
         documents = corpus.split(split, seed=seed)
         rng.shuffle(documents)
-        ids = tokenizer.encode("\n\n".join(d.text for d in documents), add_special_tokens=False)
+        ids = tokenizer.encode("\n\n".join(d.text for d in documents), add_special_tokens=False, verbose=False)
         windows, start = [], 0
         while True:
             size = rng.randint(*lengths)
