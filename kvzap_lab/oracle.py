@@ -49,6 +49,7 @@ DEFAULT_ANCHOR = 8
 KVPRESS_INSTRUCTION = "\n\nRepeat the previous context exactly."  # kvpress KVzipPress.prepare, first chunk
 KVPRESS_CONTINUATION = "\n\nRepeat the part of the previous context exactly, starting with"  # later chunks
 KVPRESS_SINK = 4  # KVzipPress.n_sink: keys always in its softmax
+CPU_BATCH_TOKENS = 2048  # on CPU, rows scored together hold at most this many context tokens (padded)
 _SENTINEL = "\u2063KVZAP_CONTEXT\u2063"
 
 
@@ -214,22 +215,13 @@ def score_contexts(
     template = repeat_template(tokenizer, definition)
     ids = [_context_ids(tokenizer, c, i, model.config.vocab_size) for i, c in enumerate(contexts)]
     sizes = [repeat_chunk(model, template, len(c), chunk_size, anchor) for c in ids]
-    prefix = len(template.prefix)
-    with torch.no_grad(), capture_attention_inputs(model) as captured:
-        scoring = ScoringAttention(
-            captured, describe(model).n_layers, (prefix, prefix + max(map(len, ids))), normalize, definition
-        )
-        with attention_override(model, scoring):
-            if chunk_size is None:
-                hidden = _run_unchunked(model, template, ids, scoring, return_hidden)
-            else:
-                hidden = _run_chunked(model, template, ids, scoring, chunk_size, sizes, anchor, return_hidden)
-        scores = scoring.finish()  # [b, layers, kv_heads, width]
-    results = []
-    for row, context in enumerate(ids):
-        n = len(context)
-        row_hidden = None if hidden is None else hidden[row, prefix : prefix + n]
-        results.append(OracleResult(scores[row, :, :, :n].contiguous(), row_hidden))
+    results: list[OracleResult | None] = [None] * len(ids)
+    for group in _row_groups([len(c) for c in ids], model.device):
+        rows = [ids[i] for i in group]
+        scored = _score_rows(model, template, rows, [sizes[i] for i in group], normalize, chunk_size, anchor,
+                             return_hidden, definition)
+        for i, result in zip(group, scored):
+            results[i] = result
     return results
 
 
@@ -270,6 +262,42 @@ def repeat_chunk(model: nn.Module, tokenizer, n: int, chunk_size: int | None, an
 def _check_definition(definition: str) -> None:
     if definition not in DEFINITIONS:
         raise ValueError(f"definition must be one of {', '.join(DEFINITIONS)}; got {definition!r}")
+
+
+def _row_groups(lengths: list[int], device) -> list[list[int]]:
+    """The rows scored together. On CPU a batch buys little once a row has a few hundred tokens (every matmul
+    already has that many rows) while padding costs, so rows go in order of length, in groups of at most
+    ``CPU_BATCH_TOKENS`` padded tokens; elsewhere the whole batch at once."""
+    if device.type != "cpu":
+        return [list(range(len(lengths)))]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= CPU_BATCH_TOKENS:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _score_rows(model, template, ids, sizes, normalize, chunk_size, anchor, return_hidden, definition):
+    """:func:`score_contexts` on one group of rows scored together."""
+    prefix = len(template.prefix)
+    with torch.no_grad(), capture_attention_inputs(model) as captured:
+        scoring = ScoringAttention(
+            captured, describe(model).n_layers, (prefix, prefix + max(map(len, ids))), normalize, definition
+        )
+        with attention_override(model, scoring):
+            if chunk_size is None:
+                hidden = _run_unchunked(model, template, ids, scoring, return_hidden)
+            else:
+                hidden = _run_chunked(model, template, ids, scoring, chunk_size, sizes, anchor, return_hidden)
+        scores = scoring.finish()  # [b, layers, kv_heads, width]
+    results = []
+    for row, context in enumerate(ids):
+        n = len(context)
+        row_hidden = None if hidden is None else hidden[row, prefix : prefix + n]
+        results.append(OracleResult(scores[row, :, :, :n].contiguous(), row_hidden))
+    return results
 
 
 def _context_ids(tokenizer, context, index: int, vocab_size: int) -> list[int]:

@@ -136,6 +136,19 @@ def test_padded_batch_equals_one_by_one(chunk_size, path):
         torch.testing.assert_close(result.hidden, alone.hidden, atol=1e-5, rtol=0)
 
 
+def test_cpu_rows_go_in_groups_of_similar_length_and_results_keep_their_order(monkeypatch):
+    assert oracle._row_groups([1000, 1100, 300, 300, 300], torch.device("cpu")) == [[2, 3, 4], [0], [1]]
+    assert oracle._row_groups([1000, 1100, 300], torch.device("meta")) == [[0, 1, 2]]  # other devices: as given
+    model = random_tiny_model("llama", seed=13)
+    contexts = [random_ids(n, seed=n) for n in (31, 9, 30, 12)]
+    together = score_contexts(model, TEMPLATE, contexts, return_hidden=True)
+    monkeypatch.setattr(oracle, "CPU_BATCH_TOKENS", 30)  # groups [9, 12], [30], [31]
+    assert oracle._row_groups([31, 9, 30, 12], torch.device("cpu")) == [[1, 3], [2], [0]]
+    for a, b in zip(together, score_contexts(model, TEMPLATE, contexts, return_hidden=True)):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=0)
+
+
 def test_hidden_is_the_attention_input_of_the_context_tokens():
     model = random_tiny_model("llama", seed=7)
     context = random_ids(20, seed=4)
