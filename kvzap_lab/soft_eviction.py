@@ -10,15 +10,17 @@ what the hard engine (:mod:`kvzap_lab.engine`) would let j see, with the keep de
   newest position - max(window, 1)) and is not a sink (position >= ``sinks``); the engine keeps or evicts it
   there, and a threshold on a stored score gives the same answer at every later point, so one judgement is it;
 - queries fed in the forward of that eviction point or earlier see the pair in full (tokens of one forward see
-  each other); later queries see it through the gate ``g = sigmoid((s - tau) / T)``, added to their attention
-  logits as ``log g`` (``hard=True``: 0 if ``s >= tau`` else ``-inf``, which is exactly the engine's eviction;
-  ``T -> 0`` tends to it).
+  each other); later queries see it through its gate ``g``: the attention weight is multiplied by ``g`` before
+  normalisation, i.e. ``log g`` is added to the attention logit. ``gate="soft"``: ``g = sigmoid((s - tau) / T)``,
+  which tends to the hard rule as ``T -> 0``; ``"hard"``: ``g = [s >= tau]``, exactly the engine's eviction;
+  ``"straight_through"``: the hard gate forward, the soft gate's gradient backward (so training runs the very
+  decisions the engine will make).
 
 The score ``s`` comes from :class:`ScorerNet`, a differentiable view of a KVzap linear or MLP scorer, applied to
 the hidden state entering each attention layer (detached: the scorer learns through its gates, not through its
 inputs); the backbone is frozen while the forward runs, so gradients reach only the scorer. ``noise`` adds
-logistic noise to ``s - tau`` (a binary-concrete / Gumbel-sigmoid relaxation, as DMS trains its gates): at small
-``T`` the gate is then a sample of Bernoulli(sigmoid(s - tau)).
+logistic noise to ``s - tau`` (a binary-concrete / Gumbel-sigmoid relaxation, as DMS trains its gates): with the
+straight-through gate each pair is then kept with probability ``sigmoid(s - tau)``.
 """
 
 from __future__ import annotations
@@ -219,6 +221,28 @@ def _taus(tau, n_layers: int, n_kv_heads: int) -> Tensor:
     return torch.stack([rule.thresholds(layer, n_kv_heads) for layer in range(n_layers)])
 
 
+GATES = ("soft", "hard", "straight_through")
+
+
+def gate_values(margin: Tensor, gate: str, temperature: float, noise: torch.Generator | None) -> Tensor:
+    """Keep gates of pairs whose score is ``margin = s - tau`` above the threshold: ``[...]`` in [0, 1].
+
+    ``"soft"``: ``sigmoid(margin / T)``; ``"hard"``: ``margin >= 0`` (the engine's rule; noise is ignored);
+    ``"straight_through"``: the hard gate's value with the soft gate's gradient. ``noise`` adds logistic noise to the
+    margin of the soft and straight-through gates (then a straight-through gate is a Bernoulli(sigmoid(margin))
+    sample, DMS's Gumbel-sigmoid).
+    """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}; got {gate!r}")
+    if gate == "hard":
+        return (margin >= 0).float()
+    if noise is not None:
+        u = torch.rand(margin.shape, generator=noise, device=noise.device).to(margin.device).clamp(1e-6, 1 - 1e-6)
+        margin = margin + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid(margin / temperature)
+    return soft if gate == "soft" else (margin >= 0).float() + (soft - soft.detach())  # exactly 0 or 1 forward
+
+
 def soft_forward(
     model: nn.Module,
     net: ScorerNet,
@@ -227,25 +251,31 @@ def soft_forward(
     *,
     tau: float | Sequence,
     temperature: float = 1.0,
-    hard: bool = False,
+    gate: str = "soft",
     noise: torch.Generator | None = None,
+    logits_to_keep: Tensor | int = 0,
 ) -> SoftOutput:
     """One full-cache forward of ``input_ids [b, n]`` (right-padded; ``vis`` from :func:`visibility`) where every
-    gated (query, key) pair gets ``log sigmoid((s - tau) / temperature)`` added to its attention logit.
+    gated (query, key) pair's attention weight is multiplied by the key's gate ``g`` before normalisation, i.e.
+    ``log g`` is added to its attention logit (``g = sigmoid((s - tau) / temperature)`` for ``gate="soft"``).
 
     Args:
         model: a supported HF causal LM (frozen during the forward).
         net: the scorer's weights (:class:`ScorerNet`), scoring the hidden state entering each attention layer.
         tau: threshold(s): a float, one per layer, or ``[layers][kv_heads]``.
         temperature: ``T > 0`` of the gate (in score units).
-        hard: gates 0 / -inf (``s >= tau`` kept), exactly the engine's threshold rule.
+        gate: ``"soft"``, ``"hard"`` (exactly the engine's threshold rule) or ``"straight_through"`` (the hard
+            rule's forward with the soft gate's gradient); see :func:`gate_values`.
         noise: a generator for logistic noise on ``s - tau`` (None: deterministic gates).
+        logits_to_keep: passed to the model (e.g. a bool ``[b, n]`` mask: logits ``[kept, vocab]`` of those positions).
 
     Returns:
         :class:`SoftOutput` with the logits, the gates and the scores.
     """
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}; got {gate!r}")
     spec = describe(model)
     if net.n_layers != spec.n_layers:
         raise ValueError(f"the scorer has {net.n_layers} layers; the model has {spec.n_layers}")
@@ -257,36 +287,35 @@ def soft_forward(
     visible = causal & vis.valid[:, None, :]  # [b, q, k]
     visible |= ~visible.any(-1, keepdim=True)  # padding queries: finite garbage, never read
     key_pos = torch.arange(n, device=device)
+    gated = vis.gated[:, None].float()  # [b, 1, q, k]
+    allowed_by_window: dict[int | None, Tensor] = {}  # by sliding window (None: none), built once per forward
     gates: list[Tensor | None] = [None] * spec.n_layers
     scores: list[Tensor | None] = [None] * spec.n_layers
+
+    def allowed(window: int | None) -> Tensor:
+        if window not in allowed_by_window:
+            mask = visible if window is None else visible & (key_pos[None, None, :] > key_pos[None, :, None] - window)
+            allowed_by_window[window] = mask[:, None, None]  # [b, 1, 1, q, k]
+        return allowed_by_window[window]
 
     def attend(module, query, key, value, attention_mask, base, **kwargs):
         idx = module.layer_idx
         kv_heads, d = key.shape[1], query.shape[-1]
         group = query.shape[1] // kv_heads
         s = net(hidden[idx], idx)  # [b, kv_heads, n]
-        margin = s - taus[idx][None, :, None]
-        if hard:
-            log_gate = torch.where(margin >= 0, 0.0, -math.inf)
-        else:
-            if noise is not None:
-                u = torch.rand(margin.shape, generator=noise, device=noise.device).to(device).clamp(1e-6, 1 - 1e-6)
-                margin = margin + torch.log(u) - torch.log1p(-u)
-            log_gate = F.logsigmoid(margin / temperature)
-        scores[idx], gates[idx] = s, torch.where(vis.judged[:, None], log_gate.exp(), 1.0)
-        allowed = visible
-        window = kwargs.get("sliding_window")
-        if window is not None:
-            allowed = allowed & (key_pos[None, None, :] > key_pos[None, :, None] - window)
-        bias = torch.where(vis.gated[:, None], log_gate[:, :, None, :], 0.0)  # [b, kv_heads, q, k]
-        bias = bias.masked_fill(~allowed[:, None], -math.inf)
+        g = gate_values(s - taus[idx][None, :, None], gate, temperature, noise)
+        scores[idx], gates[idx] = s, torch.where(vis.judged[:, None], g, 1.0)
+        # Multiplicative gates (a hard 0 keeps the straight-through gradient, which log g would not): 1 where the
+        # query sees the key in full, g where the key was judged before the query's forward.
+        weight = 1 + gated * (g[:, :, None, :] - 1)  # [b, kv_heads, q, k]
+        mask = allowed(kwargs.get("sliding_window"))
         scale = kwargs.get("scaling")
         q = query.reshape(b, kv_heads, group, n, d)
-        logits = q @ key[:, :, None].transpose(-1, -2) * (scale if scale is not None else d**-0.5)
-        weights = (logits + bias[:, :, None]).softmax(-1)
-        out = (weights.to(value.dtype) @ value[:, :, None]).reshape(b, kv_heads * group, n, d)
-        return out.transpose(1, 2), None
+        logits = (q @ key[:, :, None].transpose(-1, -2) * (scale if scale is not None else d**-0.5)).masked_fill(~mask, -math.inf)
+        e = (logits - logits.amax(-1, keepdim=True).detach()).exp() * weight[:, :, None]
+        out = (e / e.sum(-1, keepdim=True)).to(value.dtype) @ value[:, :, None]
+        return out.reshape(b, kv_heads * group, n, d).transpose(1, 2), None
 
     with frozen(model), capture_attention_inputs(model) as hidden, attention_override(model, attend):
-        logits = model(input_ids=input_ids, use_cache=False).logits
+        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=logits_to_keep).logits
     return SoftOutput(logits=logits, gates=gates, scores=scores, visibility=vis)

@@ -44,7 +44,7 @@ def engine_logits(model, policy, ids: torch.Tensor, prompt: int, chunk: int, evi
 def median_tau(model, net, ids) -> float:
     """A threshold that evicts about half the pairs: the median score of a full-cache forward."""
     vis = visibility([(ids.shape[1], ids.shape[1])] * len(ids), Schedule(), window=0, sinks=0)
-    out = soft_forward(model, net, ids, vis, tau=0.0, hard=True)
+    out = soft_forward(model, net, ids, vis, tau=0.0, gate="hard")
     return float(torch.cat([s.detach().flatten() for s in out.scores]).median())
 
 
@@ -78,7 +78,7 @@ def test_hard_gates_equal_the_engine_and_small_temperature_tends_to_it(bed, evic
         expected, compression = engine_logits(model, policy, ids, prompt, chunk, evict_every)
     vis = visibility([(prompt, ids.shape[1])] * len(ids), Schedule(chunk_size=chunk, evict_every=evict_every), window, sinks)
     with torch.no_grad():
-        hard = soft_forward(model, net, ids, vis, tau=tau, hard=True)
+        hard = soft_forward(model, net, ids, vis, tau=tau, gate="hard")
         full = model(ids).logits
     assert 0.3 < compression < 0.7  # a real test: about half the pairs are evicted
     assert (expected - full).abs().max() > 1e-2  # and eviction changes the logits
@@ -95,15 +95,23 @@ def test_hard_gates_equal_the_engine_and_small_temperature_tends_to_it(bed, evic
     assert (warm.logits - expected).abs().max() > 1e-3  # a warm gate is a different model
 
 
-def test_gradients_reach_the_scorer_and_not_the_backbone():
+@pytest.mark.parametrize("gate", ["soft", "straight_through"])
+def test_gradients_reach_the_scorer_and_not_the_backbone(gate):
     model, ids, prompt = tiny_llama()
     net = ScorerNet(random_scorer(model, seed=0))
     vis = visibility([(prompt, ids.shape[1])] * 2, Schedule(chunk_size=16, evict_every=1), window=8, sinks=4)
-    out = soft_forward(model, net, ids, vis, tau=median_tau(model, net, ids), temperature=0.5, noise=torch.Generator().manual_seed(0))
+    tau = median_tau(model, net, ids)
+    out = soft_forward(model, net, ids, vis, tau=tau, temperature=0.5, gate=gate, noise=torch.Generator().manual_seed(0))
     (out.logits.logsumexp(-1).mean() + out.expected_compression()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # the backbone's flags are restored after the forward
+    if gate == "straight_through":  # the forward is the hard rule's (on noisy margins: a sample of keep decisions)
+        assert set(torch.cat([g.flatten() for g in out.gates]).tolist()) == {0.0, 1.0}
+        with torch.no_grad():
+            plain = soft_forward(model, net, ids, vis, tau=tau, gate="straight_through")
+            hard = soft_forward(model, net, ids, vis, tau=tau, gate="hard")
+        torch.testing.assert_close(plain.logits, hard.logits, atol=1e-6, rtol=0)
 
 
 def test_scorer_net_computes_the_scorer_and_writes_back_an_ordinary_scorer(tmp_path):
