@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=cli.positive_int, default=100, help="held-out samples per task")
     p.add_argument("--calibration-samples", type=cli.positive_int, default=16, help="calibration samples per task")
     p.add_argument("--compressions", nargs="+", type=cli.fraction(0, 1, high_open=True),
-                   default=[0.72, 0.76, 0.79, 0.82, 0.85], help="matched target compressions (>= 3)")
+                   default=[0.74, 0.77, 0.8, 0.82, 0.84, 0.86], help="matched target compressions (>= 3)")
     p.add_argument("--window", type=cli.non_negative_int, default=16)
     p.add_argument("--sinks", type=cli.non_negative_int, default=4)
     p.add_argument("--chunk-size", type=cli.positive_int, default=128)
@@ -179,11 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     supervised = KVzapMLP.load(supervised_dir, model=model)
 
     ft_args = parse_finetune_args([
-        "--policy", "mlp", "--checkpoint", str(supervised_dir), "--out", str(out / "finetuned"), "--model", args.model,
+        "--policy", "mlp", "--checkpoint", str(supervised_dir), "--out", "", "--model", args.model,
         "--tasks", *args.tasks, "--context-tokens", str(args.context_tokens), "--window", str(args.window),
         "--sinks", str(args.sinks), "--chunk-size", str(args.chunk_size),
         "--tracking-uri", f"sqlite:///{args.results.resolve() / 'mlflow.db'}", *shlex.split(args.finetune_args),
     ])
+    # one folder per fine-tuning setting, so that other --finetune-args train anew instead of clashing
+    settings = hashlib.sha256(json.dumps(ft_args.identity(), sort_keys=True).encode()).hexdigest()[:10]
+    ft_args = dataclasses.replace(ft_args, out=out / f"finetuned-{settings}")
     finetuned, ft_summary = finetune(ft_args, model, tokenizer, progress=not args.json)
     rl, rl_status = rl_scorer(args, supervised_dir)
 

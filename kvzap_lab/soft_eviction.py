@@ -178,11 +178,13 @@ def visibility(
 @dataclass
 class SoftOutput:
     """Result of :func:`soft_forward`: ``logits [b, n, vocab]``, and per layer the keep gate of every pair
-    ``gates[l] [b, kv_heads, n]`` (1 where a pair is never judged) and its score ``scores[l]``."""
+    ``gates[l] [b, kv_heads, n]`` (1 where a pair is never judged), its score ``scores[l]`` and the scorer's input
+    ``hidden[l] [b, n, hidden]`` (detached)."""
 
     logits: Tensor
     gates: list[Tensor]
     scores: list[Tensor]
+    hidden: list[Tensor]
     visibility: Visibility
 
     def expected_compression(self) -> Tensor:
@@ -318,4 +320,5 @@ def soft_forward(
 
     with frozen(model), capture_attention_inputs(model) as hidden, attention_override(model, attend):
         logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=logits_to_keep).logits
-    return SoftOutput(logits=logits, gates=gates, scores=scores, visibility=vis)
+    inputs = [hidden[layer] for layer in range(spec.n_layers)]
+    return SoftOutput(logits=logits, gates=gates, scores=scores, hidden=inputs, visibility=vis)

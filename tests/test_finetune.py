@@ -100,10 +100,10 @@ def test_a_crashed_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny, tmp_
     assert finetune.main(argv_for(tiny, straight, store=tmp_path / "a.db")) == 0
     real_step = finetune.train_step
 
-    def crash_at_third(model, net, optimizer, items, args, schedule, tau, step):
+    def crash_at_third(*args, step):
         if step == 2:
             raise KeyboardInterrupt  # after the state of step 2 was saved
-        return real_step(model, net, optimizer, items, args, schedule, tau, step)
+        return real_step(*args, step=step)
 
     monkeypatch.setattr(finetune, "train_step", crash_at_third)
     with pytest.raises(KeyboardInterrupt):
