@@ -72,9 +72,10 @@ def supervised_scorer(args, model) -> Path:
     return scorer_dir
 
 
-def rl_scorer(args, supervised: Path) -> tuple[KVzapMLP | None, str]:
+def rl_scorer(args, supervised: Path, tau: float) -> tuple[KVzapMLP | None, str]:
     """RL HOOK (issue 17.4, helper H5): ``examples/reinforce_scorer.py``'s ``train(args) -> scorer``, started from the
-    supervised scorer. Returns ``(scorer or None, status)``."""
+    supervised scorer at ``tau`` (where it evicts the fine-tuning's target compression). Returns ``(scorer or None,
+    status)``."""
     path = REPO / "examples" / "reinforce_scorer.py"
     if not path.is_file():
         return None, "examples/reinforce_scorer.py is not in this checkout (issue 17.4): no RL scorer to compare"
@@ -82,13 +83,13 @@ def rl_scorer(args, supervised: Path) -> tuple[KVzapMLP | None, str]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     # The learner's own Args with the settings this comparison fixes (the names it declares among these).
-    wanted = {"checkpoint": str(supervised), "scorer": str(supervised), "model": args.model, "seed": args.seed,
-              "window": args.window, "sinks": args.sinks, "context_tokens": args.context_tokens}
+    out = args.results / "beyond_imitation" / args.model.replace("/", "_") / "rl"
+    wanted = {"checkpoint": str(supervised), "out": str(out), "model": args.model, "seed": args.seed, "tau": tau,
+              "window": args.window, "sinks": args.sinks, "context_tokens": args.context_tokens,
+              "task": args.tasks[0], "progress": not args.json}
     declared = {f.name for f in dataclasses.fields(module.Args)}
     rl_args = module.Args(**{k: v for k, v in wanted.items() if k in declared})
-    scorer = module.train(rl_args)
-    scorer.save(args.results / "beyond_imitation" / args.model.replace("/", "_") / "rl" / "scorer")
-    return scorer, f"examples/reinforce_scorer.py with {rl_args}"
+    return module.train(rl_args), f"examples/reinforce_scorer.py with {rl_args}"
 
 
 def calibration_items(tokenizer, args) -> list:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=cli.positive_int, default=100, help="held-out samples per task")
     p.add_argument("--calibration-samples", type=cli.positive_int, default=16, help="calibration samples per task")
     p.add_argument("--compressions", nargs="+", type=cli.fraction(0, 1, high_open=True),
-                   default=[0.74, 0.77, 0.8, 0.82, 0.84, 0.86], help="matched target compressions (>= 3)")
+                   default=[0.74, 0.77, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9], help="matched target compressions (>= 3)")
     p.add_argument("--window", type=cli.non_negative_int, default=16)
     p.add_argument("--sinks", type=cli.non_negative_int, default=4)
     p.add_argument("--chunk-size", type=cli.positive_int, default=128)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = hashlib.sha256(json.dumps(ft_args.identity(), sort_keys=True).encode()).hexdigest()[:10]
     ft_args = dataclasses.replace(ft_args, out=out / f"finetuned-{settings}")
     finetuned, ft_summary = finetune(ft_args, model, tokenizer, progress=not args.json)
-    rl, rl_status = rl_scorer(args, supervised_dir)
+    rl, rl_status = rl_scorer(args, supervised_dir, tau=ft_summary["tau"])
 
     end = tokenizer.convert_tokens_to_ids(tasks.END)
     samples = {t: tasks.make_samples(t, tokenizer, args.n_samples, args.context_tokens, args.seed) for t in args.tasks}
