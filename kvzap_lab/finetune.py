@@ -60,6 +60,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kvzap_lab import cli, io, tasks
+from kvzap_lab.faults import kill_point
 from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, load_model
 from kvzap_lab.policies.kvzap_linear import KVzapLinear
 from kvzap_lab.policy import Policy, Threshold, resolve_policy
@@ -456,6 +457,7 @@ def finetune(args: Args, model=None, tokenizer=None, progress: bool = True) -> t
         tracking.log(meta["history"][meta["logged"] :])
         meta["logged"] = len(meta["history"])
         save_state(out / STATE, net, optimizer, meta)
+        kill_point("finetune.checkpoint")  # kill -9 tests: KVZAP_LAB_KILL_AT=finetune.checkpoint:N
 
     bar = tqdm(range(meta["step"], args.steps), desc="finetune", initial=meta["step"], total=args.steps, disable=not progress)
     for step in bar:
