@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 
 from kvzap_lab.engine import DEFAULT_CHUNK, DEFAULT_EVICT_EVERY
@@ -61,8 +62,7 @@ class ScorerNet(nn.Module):
                 f"{type(scorer).__name__} has no gradient with respect to its parameters; soft eviction trains "
                 "KVzap linear or MLP scorers (policy linear or mlp)"
             )
-        if not hasattr(scorer, "weights_"):
-            raise ValueError(f"{type(scorer).__name__} is not fitted: train it (python -m kvzap_lab.train) or load a checkpoint")
+        check_is_fitted(scorer, "weights_")  # NotFittedError (a ValueError) for a scorer never trained or loaded
         self._template = scorer
         self.weights = nn.ParameterList(p.detach().clone().float() for pair in scorer.weights_ for p in pair)
 
@@ -119,18 +119,17 @@ class Schedule:
 class Visibility:
     """What each query of a right-padded batch sees, as the engine would feed it.
 
-    ``valid [b, n]`` real tokens; ``forward [b, n]`` the forward that feeds each token; ``judged [b, n]`` bool, the
-    pairs the rule judges before the sequence ends; ``gated [b, n, n]`` bool, the (query, key) pairs where the
-    query sees the key through its gate (the key was judged at an eviction point before the query's forward).
+    ``valid [b, n]`` real tokens; ``judged [b, n]`` bool, the pairs the rule judges before the sequence ends;
+    ``gated [b, n, n]`` bool, the (query, key) pairs where the query sees the key through its gate (the key was
+    judged at an eviction point before the query's forward).
     """
 
     valid: Tensor
-    forward: Tensor
     judged: Tensor
     gated: Tensor
 
     def to(self, device) -> "Visibility":
-        return Visibility(*(t.to(device) for t in (self.valid, self.forward, self.judged, self.gated)))
+        return Visibility(*(t.to(device) for t in (self.valid, self.judged, self.gated)))
 
 
 def visibility(
@@ -172,7 +171,7 @@ def visibility(
         judged_at[row, :total] = torch.where(judged_here, points[first.clamp_max(len(points) - 1)], never)
     gated = forward[:, :, None] > judged_at[:, None, :]  # the query's forward comes after the key's judgement
     gated &= valid[:, :, None] & valid[:, None, :]
-    return Visibility(valid=valid, forward=forward, judged=judged_at != never, gated=gated)
+    return Visibility(valid=valid, judged=judged_at != never, gated=gated)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from transformers import AutoTokenizer
 
 from kvzap_lab import cli, finetune
 from kvzap_lab.model import describe, fingerprint, random_tiny_model
@@ -171,3 +172,19 @@ def test_out_of_range_values_are_argument_errors(tiny, tmp_path, capsys, extra):
         finetune.main(argv_for(tiny, out, *extra))
     assert exit_info.value.code == 2 and "error: argument" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_text_windows_come_from_the_files_and_end_in_their_continuation(tiny, tmp_path):
+    root, _ = tiny
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    text = tmp_path / "story.txt"
+    text.write_text(" ".join(f"the red fox sees the dog {i} ." for i in range(60)))
+    args = finetune.parse_args(argv_for(tiny, tmp_path / "out", "--text-files", str(text), "--text-fraction", "1"))
+    items = finetune.Batches(args, tokenizer)(0)
+    assert len(items) == 2
+    corpus = tokenizer.encode(text.read_text(), add_special_tokens=False)
+    for item in items:
+        assert item.targets == 8 and item.prompt == len(item.ids) + 1 - 8
+        body = item.ids[1:]  # after the BOS token
+        assert any(corpus[i : i + len(body)] == body for i in range(len(corpus) - len(body) + 1))
+    assert finetune.Batches(args, tokenizer)(0) == items  # a pure function of the seed and the step
