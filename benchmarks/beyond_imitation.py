@@ -6,7 +6,8 @@ matched compressions, with Wilson 95 % confidence intervals.
 
 1. The supervised scorer: ``--supervised DIR`` if it holds one, else the README recipe (``collect --n-sequences 300
    --context-tokens 256 --tokens-per-sequence 200``, then ``train --policy mlp``) into ``results/``.
-2. Fine-tuned: ``finetune`` from it (resumable; a finished run is reused).
+2. Fine-tuned: ``finetune`` from it, on ``--train-tasks`` (the two needle tasks and key-value retrieval, other
+   seeds than the held-out ones) and filler text (resumable; a finished run with the same settings is reused).
 3. RL: ``train(args) -> scorer`` of ``examples/reinforce_scorer.py``, when that file is in the checkout.
 4. Every scorer gets, for each target compression, the threshold at which it evicts that fraction of the pairs of
    calibration samples (its own scale: matched compressions, not matched taus); then the hard engine answers the
@@ -155,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="testbed")
     p.add_argument("--results", type=Path, default=Path("results"), help="results folder (data, scorers, cache)")
     p.add_argument("--supervised", type=Path, default=None, help="train's --out of the supervised MLP (default results/train/mlp)")
-    p.add_argument("--tasks", nargs="+", default=["single_needle", "multi_key_needle"], choices=tasks.TASKS)
+    p.add_argument("--tasks", nargs="+", default=["single_needle", "multi_key_needle"], choices=tasks.TASKS,
+                   help="held-out tasks of the comparison")
+    p.add_argument("--train-tasks", nargs="+", default=["single_needle", "multi_key_needle", "kv_retrieval"],
+                   choices=tasks.TASKS, help="tasks the fine-tuning trains on")
     p.add_argument("--context-tokens", type=cli.positive_int, default=512)
     p.add_argument("--n-samples", type=cli.positive_int, default=100, help="held-out samples per task")
     p.add_argument("--calibration-samples", type=cli.positive_int, default=16, help="calibration samples per task")
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ft_args = parse_finetune_args([
         "--policy", "mlp", "--checkpoint", str(supervised_dir), "--out", "", "--model", args.model,
-        "--tasks", *args.tasks, "--context-tokens", str(args.context_tokens), "--window", str(args.window),
+        "--tasks", *args.train_tasks, "--context-tokens", str(args.context_tokens), "--window", str(args.window),
         "--sinks", str(args.sinks), "--chunk-size", str(args.chunk_size),
         "--tracking-uri", f"sqlite:///{args.results.resolve() / 'mlflow.db'}", *shlex.split(args.finetune_args),
     ])
