@@ -25,14 +25,13 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from kvzap_lab import cli, collect, io, tasks, train
+from kvzap_lab import cli, collect, io, stats, tasks, train
 from kvzap_lab.evaluate import run_cell
 from kvzap_lab.finetune import finetune, judged_scores, task_item, tau_for
 from kvzap_lab.finetune import parse_args as parse_finetune_args
@@ -44,20 +43,6 @@ from kvzap_lab.soft_eviction import Schedule, ScorerNet
 REPO = Path(__file__).resolve().parents[1]
 WITHIN = 0.01  # "within 1 point of the full cache"
 CALIBRATION_SEED = 3  # calibration samples; the held-out ones use --seed (1, README's)
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion.
-
-    Local until ``kvzap_lab/stats.py`` (helper H2) is on main; then use its interval instead.
-    """
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def supervised_scorer(args, model) -> Path:
@@ -74,7 +59,7 @@ def supervised_scorer(args, model) -> Path:
 
 
 def rl_scorer(args, supervised: Path, tau: float) -> tuple[KVzapMLP | None, str]:
-    """RL HOOK (issue 17.4, helper H5): ``examples/reinforce_scorer.py``'s ``train(args) -> scorer``, started from the
+    """``examples/reinforce_scorer.py``'s ``train(args) -> scorer``, started from the
     supervised scorer at ``tau`` (where it evicts the fine-tuning's target compression). Returns ``(scorer or None,
     status)``."""
     path = REPO / "examples" / "reinforce_scorer.py"
@@ -116,7 +101,7 @@ def answer(model, policy, samples_by_task, end, args) -> dict:
         correct += cell["accuracy"] * len(samples)
         compression += cell["compression"] * len(samples)
         n += len(samples)
-    low, high = wilson(round(correct), n)
+    low, high = stats.wilson_interval(correct / n, n)
     return {"accuracy": correct / n, "ci95": [low, high], "n": n, "compression": compression / n}
 
 
