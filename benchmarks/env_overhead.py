@@ -1,6 +1,6 @@
 """Env overhead: one ``KVEvictionEnv.step`` against one bare engine decode step, and vector-env throughput.
 
-    OMP_NUM_THREADS=1 python benchmarks/env_overhead.py [--policy oracle --tau -6] [--reps 5] [--json]
+    OMP_NUM_THREADS=1 python benchmarks/env_overhead.py [--model smollm2-135m] [--policy oracle --tau -6] [--reps 5] [--json]
 
 1. Step overhead. The same policy (``--policy`` with a ``Threshold(--tau)`` rule), the same sample (the
    ``copy`` task: a long teacher-forced decode) and the same tokens, measured side by side step by step: the
@@ -28,7 +28,7 @@ import torch
 from kvzap_lab import tasks
 from kvzap_lab.engine import evicting
 from kvzap_lab.envs import KVEvictionEnv, KVEvictionVectorEnv, PolicyAgent, ReferenceCache
-from kvzap_lab.model import load_model
+from kvzap_lab.model import MODEL_HELP, load_model
 from kvzap_lab.policy import Threshold, get_policy
 
 
@@ -115,6 +115,7 @@ def episodes_per_second(env, agent: PolicyAgent, n_episodes: int, vector: bool) 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--policy", default="oracle")
     parser.add_argument("--tau", type=float, default=-6.0)
     parser.add_argument("--window", type=int, default=32)
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_model("testbed")
+    model, tokenizer = load_model(args.model)
     policy = get_policy(args.policy, rule=Threshold(tau=args.tau, window=args.window))
     agent = PolicyAgent(policy)
     copy = tasks.make_samples("copy", tokenizer, 1, args.copy_tokens, seed=0)

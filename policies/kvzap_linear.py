@@ -29,13 +29,17 @@ class KVzapLinear(TrainableScorer):
         self.alpha = alpha
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        x, t = torch.from_numpy(X).double(), torch.from_numpy(y).double()
-        x_mean, t_mean = x.mean(0), t.mean(0)  # [L, H], [L, K]
-        xc, tc = x - x_mean, t - t_mean
-        gram = torch.einsum("nlh,nlg->lhg", xc, xc) + self.alpha * torch.eye(x.shape[2], dtype=x.dtype)
-        W = torch.linalg.solve(gram, torch.einsum("nlh,nlk->lhk", xc, tc)).transpose(1, 2)  # [L, K, H]
-        b = t_mean - torch.einsum("lkh,lh->lk", W, x_mean)
-        self.weights_ = [(W.float(), b.float())]
+        maps = [self._ridge(torch.from_numpy(X[:, layer]).double(), torch.from_numpy(y[:, layer]).double())
+                for layer in range(X.shape[1])]  # one layer at a time: X in float64 would not fit a real model's data
+        self.weights_ = [(torch.stack([W for W, _ in maps]).float(), torch.stack([b for _, b in maps]).float())]
+
+    def _ridge(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Ridge of ``t [n, K]`` on ``x [n, H]`` with an unpenalised intercept -> ``W [K, H]``, ``b [K]``."""
+        x_mean, t_mean = x.mean(0), t.mean(0)
+        xc = x - x_mean
+        gram = xc.T @ xc + self.alpha * torch.eye(x.shape[1], dtype=x.dtype)
+        W = torch.linalg.solve(gram, xc.T @ (t - t_mean)).T
+        return W, t_mean - W @ x_mean
 
     def _predict_layer(self, x: Tensor, layer: int) -> Tensor:
         for i, (W, b) in enumerate(self.weights_):
