@@ -167,7 +167,7 @@ def shard_problem(directory: Path, entry: dict) -> str | None:
     return None
 
 
-def _read_shard(directory: Path, entry: dict, layers: list[int] | None, dtype) -> dict[str, torch.Tensor]:
+def _read_shard(directory: Path, entry: dict, layers: list[int] | None) -> dict[str, torch.Tensor]:
     problem = shard_problem(directory, entry)
     if problem:
         raise DatasetError(f"{problem}; rerun the same collect command (it collects the shard again)")
@@ -179,8 +179,6 @@ def _read_shard(directory: Path, entry: dict, layers: list[int] | None, dtype) -
                     tensors[key] = handle.get_slice(key)[:, layers[0] : layers[-1] + 1][:, [i - layers[0] for i in layers]]
                 else:
                     tensors[key] = handle.get_tensor(key)
-                if key == "X" and dtype is not None:
-                    tensors[key] = tensors[key].to(dtype)
             return tensors
     except SafetensorError as err:  # sha matched the record, so the writer itself was broken
         raise DatasetError(f"shard {entry['file']} in {directory} cannot be read: {err}") from err
@@ -239,11 +237,18 @@ def load_dataset(
     stored = getattr(torch, manifest.get("dtype", "float32"))
     parts: dict[str, list[dict[str, torch.Tensor]]] = {split: [] for split in SPLITS}
     for entry in manifest["shards"]:
-        parts[entry["split"]].append(_read_shard(directory, entry, layers, dtype))
+        parts[entry["split"]].append(_read_shard(directory, entry, layers))
 
-    def cat(split: str, key: str, tail: tuple[int, ...], empty_dtype) -> torch.Tensor:
-        tensors = [shard[key] for shard in parts[split]]
-        return torch.cat(tensors) if tensors else torch.empty((0, *tail), dtype=empty_dtype)
+    def cat(split: str, key: str, tail: tuple[int, ...], target: torch.dtype) -> torch.Tensor:
+        """The shards' ``key`` rows in one ``target`` tensor, each shard freed once copied (peak: the stored
+        shards plus the result, not a converted copy of every shard besides)."""
+        out = torch.empty((sum(len(shard[key]) for shard in parts[split]), *tail), dtype=target)
+        row = 0
+        for shard in parts[split]:
+            rows = shard.pop(key)
+            out[row : row + len(rows)] = rows
+            row += len(rows)
+        return out
 
     x_tail, y_tail = (n_layers, shapes["hidden"]), (n_layers, shapes["kv_heads"])
     return Dataset(
