@@ -17,10 +17,10 @@ loop with chunked prefill built on it. Semantics are DMS/KVzap's:
   multi-token forward and every ``compact_every`` decode steps, or every ``seen / 16`` on shorter sequences),
   which keeps the per-step work small.
 
-KVzap linear and MLP scorers run through the fused scoring kernel (:func:`kvzap_lab.kernels.score_and_threshold`)
-when Triton runs (CUDA), one call per layer; elsewhere the buffered tokens of all layers are scored at once by
-one stacked matmul per map (:func:`stacked_weights`: on CPU at decode sizes, dispatch costs more than
-arithmetic). Compaction runs through :func:`kvzap_lab.kernels.compact` and leaves room for the tokens that
+Scorers with ``fused_weights()`` (KVzap linear and MLP) run through the fused scoring kernel
+(:func:`kvzap_lab.kernels.score_and_threshold`) when Triton runs (CUDA), one call per layer; elsewhere the
+buffered tokens of all layers are scored at once by one stacked matmul per map (:func:`stacked_weights`: on CPU
+at decode sizes, dispatch costs more than arithmetic). Compaction runs through :func:`kvzap_lab.kernels.compact` and leaves room for the tokens that
 arrive before the next one, so decode appends do not grow the storage.
 
 Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
@@ -60,7 +60,7 @@ DEFAULT_COMPACT_EVERY = 32
 def check_policy(model: nn.Module, policy: Policy | None) -> None:
     """Raise a clear error for a policy the engine cannot run on ``model``.
 
-    Checks: window and sinks are ints >= 0; a trained scorer matches the model (its ``check_model``). Infinite
+    Checks: window and sinks are ints >= 0; the scorer can score the model (its ``check_model``). Infinite
     thresholds are meaningful (``-inf`` keeps everything, ``+inf`` is StreamingLLM); NaN ones are refused by
     :class:`~kvzap_lab.policy.Threshold` itself.
     """
@@ -71,16 +71,20 @@ def check_policy(model: nn.Module, policy: Policy | None) -> None:
         value = getattr(rule, name, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"policy {policy.name!r}: rule.{name} must be an int >= 0; got {value!r}")
-    if hasattr(policy.scorer, "check_model"):
-        policy.scorer.check_model(model)
+    policy.scorer.check_model(model)
 
 
 def fused_weights(model: nn.Module, policy: Policy | None) -> list[ScorerWeights] | None:
-    """Per-layer :class:`~kvzap_lab.kernels.ScorerWeights` of a KVzap linear or one-hidden-layer MLP scorer (its
-    ``weights_``), on the model's device and in its dtype; ``None`` for any other scorer."""
-    stacked = getattr(None if policy is None else policy.scorer, "weights_", None)
-    if not isinstance(stacked, list) or len(stacked) not in (1, 2):
+    """Per-layer :class:`~kvzap_lab.kernels.ScorerWeights` of a scorer whose ``fused_weights()`` gives one or two
+    maps (KVzap linear, MLP of depth 1), on the model's device in float32; ``None`` for any other scorer."""
+    stacked = None if policy is None else policy.scorer.fused_weights()
+    if stacked is None:
         return None
+    if len(stacked) not in (1, 2):
+        raise ValueError(
+            f"policy {policy.name!r}: fused_weights() returned {len(stacked)} maps; the fused kernel runs one (linear) "
+            "or two (Linear-GELU-Linear): return None to be scored by score()"
+        )
     param = next(model.parameters())
     n_layers = stacked[0][0].shape[0]
     return [ScorerWeights.from_stacked(stacked, i).to(param.device, torch.float32) for i in range(n_layers)]
@@ -384,7 +388,7 @@ def _score_all_pending(run: EvictionRun) -> None:
 def _attend(run: EvictionRun):
     """The attention override: exact attention over the compacted cache; buffers the new tokens for scoring."""
     scorer = None if run.policy is None else run.policy.scorer
-    accumulates = bool(getattr(scorer, "accumulates_attention", False))
+    accumulates = scorer is not None and scorer.accumulates_attention
 
     def attend(module, query, key, value, attention_mask, base, **kwargs):
         cache, idx = run.cache, module.layer_idx
@@ -703,7 +707,7 @@ class Prefill:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-        if policy is not None and getattr(policy.scorer, "accumulates_attention", False):
+        if policy is not None and policy.scorer.accumulates_attention:
             return generate(self.model, self.ids, policy, max_new_tokens, attention_mask=self.mask, eos_token_id=eos_token_id,
                             chunk_size=self.ids.shape[1], evict_every=evict_every, compact_every=compact_every, expected=expected)
         with evicting(self.model, policy, evict_every=evict_every, compact_every=compact_every) as run:

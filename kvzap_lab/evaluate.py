@@ -41,8 +41,9 @@ from kvzap_lab.faults import kill_point
 from kvzap_lab.engine import DEFAULT_CHUNK, Generation, generate, prefill
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
 from kvzap_lab.oracle import score_contexts
-from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, Policy, Threshold, TopK, get_policy, resolve_policy
+from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, OracleTableScorer, Policy, Threshold, TopK, as_scorer, get_policy, resolve_policy
 from kvzap_lab.stats import format_interval, wilson_interval
+from kvzap_lab.surrogate import is_trainable
 
 FULL = "full"
 DEFAULT_POLICIES = (FULL, "oracle", "streaming_llm", "knorm", "accumulated_attention", "random")
@@ -83,7 +84,7 @@ class Options:
 def parse_policy(spec: str) -> tuple[str, Path | None]:
     """``NAME`` or ``NAME@CHECKPOINT_DIR`` -> (name, checkpoint); a dir holding ``scorer/`` (train's --out) works."""
     name, _, path = spec.partition("@")
-    if name != FULL and hasattr(resolve_policy(name), "load") and not path:  # unknown names fail, listing known ones
+    if name != FULL and is_trainable(resolve_policy(name)) and not path:  # unknown names fail, listing known ones
         raise ValueError(f"policy {name!r} is a trained scorer: give its checkpoint as {name}@CHECKPOINT_DIR")
     if not path:
         return name, None
@@ -99,7 +100,7 @@ def uses_threshold(name: str, checkpoint: Path | None) -> bool:
     """Whether policy ``name`` is swept over taus (score thresholds) rather than keep ratios (budgets)."""
     if checkpoint is not None:
         return True
-    rule = getattr(resolve_policy(name), "default_rule", None)
+    rule = as_scorer(resolve_policy(name)()).default_rule  # None: scores of unknown scale, swept by budget
     return isinstance(rule, Threshold) and rule.tau != math.inf  # tau = inf is StreamingLLM: swept by budget
 
 
@@ -345,7 +346,7 @@ def _record(options: Options, cell: Cell, samples: list[tasks.Sample]) -> dict:
 
 
 def _takes_table(policy: Policy | None) -> bool:
-    return policy is not None and hasattr(policy.scorer, "set_scores")
+    return policy is not None and isinstance(policy.scorer, OracleTableScorer)
 
 
 def _shared_prefill_group(model, tokenizer, cells: list[tuple[Cell, Policy | None]], samples: list[tasks.Sample],
