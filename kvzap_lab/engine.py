@@ -50,6 +50,7 @@ from transformers.cache_utils import Cache
 from kvzap_lab.cache import CompactCache, Compression, outside_window
 from kvzap_lab.kernels import ScorerWeights, score_and_threshold, uses_triton
 from kvzap_lab.model import UnsupportedModelError, attention_override, capture_attention_inputs, describe
+from kvzap_lab.padding import pad_rows
 from kvzap_lab.policy import Policy
 
 DEFAULT_CHUNK = 128
@@ -538,8 +539,19 @@ def evicting(
     ``policy`` (optional; its rule's window and sinks must be the offer's) scores the offered pairs.
 
     Forward calls get a :class:`CompactCache` (a new one when they pass none or an empty one); a 2-D
-    ``attention_mask`` must cover past and new tokens, left padding marked 0. Yields an :class:`EvictionRun`
-    whose ``cache`` gives ``compression()`` and ``bytes_held()``. Restores the model on exit.
+    ``attention_mask`` must cover past and new tokens, left padding marked 0. Restores the model on exit.
+
+    Args:
+        model: a supported causal LM (:func:`kvzap_lab.model.load_model`).
+        policy: the :class:`~kvzap_lab.policy.Policy` that scores and evicts; None: full cache.
+        evict_every: decode steps between eviction points (>= 1).
+        compact_every: decode steps between compactions (>= 1).
+        offer: decide from outside (an RL agent) instead of ``policy.rule``.
+    Yields:
+        an :class:`EvictionRun`: ``run.new_cache()`` for the forward calls; its ``cache`` gives ``compression()``
+        and ``bytes_held()``.
+    Raises:
+        ValueError: a policy the engine cannot run on ``model`` (:func:`check_policy`).
 
     Example::
 
@@ -570,14 +582,8 @@ class Generation:
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
     """Left-pad token lists into ``ids [b, n]`` and ``attention_mask [b, n]`` (1 on real tokens)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, width - len(row) :] = torch.as_tensor(list(row))
-            mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
+    ids, real = pad_rows(rows, pad_id, side="left", device=device)
+    return ids, real.long()
 
 
 def _prompt_batch(model: nn.Module, prompts, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -647,6 +653,20 @@ def generate(
     (reference tokens per row), a row also stops at its first token that differs from its reference: exact-match
     scoring needs no more, and evaluation gets much cheaper. To run several policies on the same prompts with a
     one-chunk prefill, :func:`prefill` once and :meth:`Prefill.branch` per policy gives the same results.
+
+    Args:
+        model: a supported causal LM (:func:`kvzap_lab.model.load_model`).
+        prompts: ``ids [b, n]`` or ``b`` token lists.
+        policy: the eviction policy (:func:`kvzap_lab.policy.get_policy`); None: full cache.
+        max_new_tokens: the most tokens generated per row (>= 1).
+        attention_mask: ``[b, n]``, 1 on real tokens (with ``ids``).
+        eos_token_id: stop token(s); default the model's.
+        chunk_size: prefill chunk in tokens (>= 1).
+        evict_every, compact_every: the engine's schedule (:func:`evicting`).
+        expected: reference tokens per row, to stop a row at its first mismatch.
+    Returns:
+        a :class:`Generation`: ``tokens`` (``b`` lists of generated ids), ``compression`` (a
+        :class:`~kvzap_lab.cache.Compression`), ``bytes_held`` and ``full_bytes`` at the end.
     """
     if max_new_tokens < 1 or chunk_size < 1:
         raise ValueError(f"max_new_tokens and chunk_size must be >= 1; got {max_new_tokens}, {chunk_size}")

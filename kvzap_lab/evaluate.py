@@ -40,7 +40,7 @@ from kvzap_lab import cli, io, tasks
 from kvzap_lab.faults import kill_point
 from kvzap_lab.engine import DEFAULT_CHUNK, Generation, generate, prefill
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
-from kvzap_lab.oracle import score_contexts
+from kvzap_lab.oracle import oracle_table
 from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, OracleTableScorer, Policy, Threshold, TopK, as_scorer, get_policy, resolve_policy
 from kvzap_lab.stats import format_interval, wilson_interval
 from kvzap_lab.surrogate import is_trainable
@@ -121,18 +121,6 @@ def build_policy(
     else:
         rule = TopK(budget=math.ceil(knob["keep_ratio"] * context_tokens), window=window, sinks=sinks)
     return get_policy(name, rule=rule, checkpoint=checkpoint, model=model if checkpoint is not None else None)
-
-
-def oracle_table(model, tokenizer, batch: list[tasks.Sample]) -> torch.Tensor:
-    """Oracle scores by absolute position ``[b, layers, kv_heads, n]``: log KVzip+ on each context, +inf (kept)
-    on the template and question tokens."""
-    results = score_contexts(model, tokenizer, [s.context_ids for s in batch])
-    layers, heads = results[0].scores.shape[:2]
-    table = torch.full((len(batch), layers, heads, max(len(s.input_ids) for s in batch)), math.inf)
-    for row, (sample, result) in enumerate(zip(batch, results)):
-        start, end = sample.context_span
-        table[row, :, :, start:end] = result.scores
-    return table
 
 
 def batches(samples: list[tasks.Sample], batch_size: int) -> list[list[tasks.Sample]]:
@@ -253,6 +241,8 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     """A plain-text table of every cell (accuracy with its 95 % Wilson interval), then the per-policy summary."""
+    from kvzap_lab.study.metrics import compression_ratio  # lazily: the study imports this module
+
     head = f"{'policy':<34} {'task':<18} {'ctx':>5} {'n':>4} {'acc [95% CI]':>22} {'compr':>6} {'bytes':>6} {'s/sample':>8}"
     lines = [head, "-" * len(head)]
     for r in records:
@@ -265,7 +255,7 @@ def format_table(records: list[dict]) -> str:
     lines += ["", f"{'policy (pooled over tasks, lengths)':<34} {'acc [95% CI]':>22} {'compr':>6} {'x':>6}"]
     for s in summarize(records):
         label = Cell(s["policy"], tuple(s["setting"].items()), "", 0).label()
-        ratio = 1 / max(1 - s["compression"], 1e-9)
+        ratio = compression_ratio(s["compression"])
         lines.append(f"{label:<34} {format_interval(s['accuracy'], s['n_samples']):>22} {s['compression']:>6.3f} {ratio:>6.2f}")
     return "\n".join(lines)
 

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kvzap_lab import cli, io
 from kvzap_lab.policy import resolve_policy
-from kvzap_lab.surrogate import TrainableScorer, check_training_data, projection_flops_per_token, r2_spearman_mse
+from kvzap_lab.surrogate import TrainableScorer, check_training_data, is_trainable, projection_flops_per_token, r2_spearman_mse
 
 
 def _load_dataset(path, model=None):
@@ -39,7 +40,7 @@ def evaluate(scorer: TrainableScorer, X_test, y_test) -> dict:
 def make_scorer(policy: str, params: dict | None = None) -> TrainableScorer:
     """The unfitted trainable scorer ``policy`` with ``params``, its parameters validated (ValueError otherwise)."""
     factory = resolve_policy(policy)
-    if not (isinstance(factory, type) and issubclass(factory, TrainableScorer)):
+    if not is_trainable(factory):
         raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, gbdt (kvzap_linear, kvzap_mlp)")
     try:
         scorer = factory(**(params or {}))
@@ -64,6 +65,28 @@ def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=Non
         scorer.check_model(model)
         summary["flops_ratio"] = summary["flops_per_token"] / projection_flops_per_token(model.config)
     return scorer, summary
+
+
+def quick_mlp_fit(model, tokenizer, contexts: list[list[int]], *, epochs: int, seed: int) -> tuple[TrainableScorer, np.ndarray]:
+    """A KVzap-MLP fitted in memory on every token of ``contexts`` (no dataset on disk): the oracle's hidden
+    states -> its log KVzip+ scores, for examples and benchmarks that need a trained scorer in seconds.
+
+    Args:
+        model, tokenizer: the model to score (:func:`kvzap_lab.model.load_model`); the scorer is tied to it.
+        contexts: token ids of each context.
+        epochs, seed: the MLP's training epochs and seed.
+    Returns:
+        ``(scorer, X)``: the fitted scorer and its training inputs ``X [n_tokens, layers, hidden]`` (to
+        calibrate a threshold on, :func:`kvzap_lab.policy.calibrate`).
+    """
+    from kvzap_lab.model import fingerprint
+    from kvzap_lab.oracle import score_contexts
+
+    results = score_contexts(model, tokenizer, contexts, return_hidden=True)
+    X = torch.cat([r.hidden for r in results]).numpy()  # [n, layers, hidden]
+    y = torch.cat([r.scores.permute(2, 0, 1) for r in results]).numpy()  # [n, layers, kv_heads]
+    scorer = make_scorer("mlp", {"epochs": epochs, "seed": seed})
+    return scorer.fit(X, y, manifest={"model_fingerprint": fingerprint(model)}), X
 
 
 def plot_predictions(y_true, y_pred, path) -> None:
