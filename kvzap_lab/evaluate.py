@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvzap_lab import cli, io, tasks
+from kvzap_lab import cli, io, tasks, tracking
 from kvzap_lab.faults import kill_point
 from kvzap_lab.engine import DEFAULT_CHUNK, Generation, generate, prefill
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
@@ -446,6 +446,27 @@ def _offsets(text: str) -> tuple[float, ...]:
     return values
 
 
+def _log_to_mlflow(args, records: list[dict], plot_path: Path) -> str:
+    """Log the evaluation run: the grid's params; per cell and per pooled (policy, setting) the accuracy, its
+    95 % Wilson bounds and the compression; the plot and the results file."""
+    metrics = {}
+    for r in records:
+        label = Cell(r["policy"], tuple(r["setting"].items()), r["task"], r["context_tokens"]).label()
+        low, high = wilson_interval(min(max(r["accuracy"], 0.0), 1.0), r["n_samples"])
+        for key, value in (("accuracy", r["accuracy"]), ("accuracy_low", low), ("accuracy_high", high), ("compression", r["compression"])):
+            metrics[tracking.metric_name(label, r["task"], r["context_tokens"], key)] = value
+    for s in summarize(records):
+        label = Cell(s["policy"], tuple(s["setting"].items()), "", 0).label()
+        for key in ("accuracy", "accuracy_low", "accuracy_high", "compression"):
+            metrics[tracking.metric_name(label, "pooled", key)] = s[key]
+    keys = ("model", "policies", "taus", "tau_offsets", "keep_ratios", "tasks", "context_tokens", "n_samples", "seed",
+            "window", "sinks", "chunk_size", "batch_size")
+    return tracking.log_run(
+        args.tracking_uri, args.experiment, "python -m kvzap_lab.evaluate", run_name=f"evaluate-{args.model}",
+        params={k: vars(args)[k] for k in keys}, metrics=metrics, artifacts=[plot_path, args.out],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="testbed", help=MODEL_HELP)
@@ -472,11 +493,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/eval/eval.jsonl"), help="JSON lines (resumable)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     parser.add_argument("--json", action="store_true", help="end with one JSON summary line")
+    parser.add_argument("--tracking-uri", default=None, help="log the run to MLflow (sqlite:///path/mlflow.db or "
+                        "http://host:port): params, per-cell accuracy with its Wilson interval and compression, the plot")
+    parser.add_argument("--experiment", default="kvzap-lab-evaluate", help="MLflow experiment (with --tracking-uri)")
     args = parser.parse_args(argv)
 
+    if args.tracking_uri:
+        tracking.check_tracking_uri(args.tracking_uri)  # within seconds, before any work
     io.check_writable(args.out.parent)
     policies = [parse_policy(p) for p in args.policies]
     model, tokenizer = load_model(args.model, device=args.device)
+    for name, checkpoint in policies:  # a bad or mismatched checkpoint fails here, before any cell runs
+        if checkpoint is not None:
+            get_policy(name, checkpoint=checkpoint, model=model)
     n_layers = describe(model).n_layers
     if args.tau_offsets is not None and len(args.tau_offsets) != n_layers:
         parser.error(f"--tau-offsets has {len(args.tau_offsets)} values; the model has {n_layers} layers (one offset per layer)")
@@ -490,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     plot_path = args.plot or args.out.with_suffix(".png")
     plot(records, plot_path)
     print(format_table(records), file=sys.stderr if args.json else sys.stdout)
+    run_id = _log_to_mlflow(args, records, plot_path) if args.tracking_uri else None
     if args.json:
-        print(json.dumps({"out": str(args.out), "plot": str(plot_path), "cells": len(records), "summary": summarize(records)}))
+        print(json.dumps({"out": str(args.out), "plot": str(plot_path), "cells": len(records), "summary": summarize(records)}
+                         | ({"mlflow_run_id": run_id} if run_id else {})))
     return 0
 
 
