@@ -10,7 +10,7 @@ SCRIPT = Path(sys.executable).parent / "kvzap-lab"
 
 def kvzap_lab(*args, tmp_path):
     assert SCRIPT.is_file(), f"{SCRIPT} is not installed: pip install -e . declares it"
-    return subprocess.run([str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True)
 
 
 def test_the_script_is_declared_by_the_installed_distribution():
