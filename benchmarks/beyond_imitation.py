@@ -39,6 +39,7 @@ from kvzap_lab.model import fingerprint, load_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import Policy, Threshold
 from kvzap_lab.soft_eviction import Schedule, ScorerNet
+from kvzap_lab.study.metrics import compression_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 WITHIN = 0.01  # "within 1 point of the full cache"
@@ -125,7 +126,7 @@ def evaluate_scorer(model, scorer, label, items, samples, end, args, cache: dict
         points.append(cache[key])
         p = points[-1]
         print(f"{label:>11} target {target:.2f}  tau {tau:7.3f}  compression {p['compression']:.3f} "
-              f"({1 / (1 - p['compression']):.2f}x)  accuracy {p['accuracy']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]",
+              f"({compression_ratio(p['compression']):.2f}x)  accuracy {p['accuracy']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]",
               file=sys.stderr)
     return points
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         result[label] = {"compression_within_1pt": best_within(points, full["accuracy"]), "points": points}
     result["rl"]["status"] = rl_status
     sup, fin = result["supervised"]["compression_within_1pt"], result["finetuned"]["compression_within_1pt"]
-    ratio = lambda c: None if c is None else 1 / (1 - c)  # noqa: E731
+    ratio = lambda c: None if c is None else compression_ratio(c)  # noqa: E731
     result["goal"] = {"supervised_x": ratio(sup), "finetuned_x": ratio(fin),
                       "met": sup is not None and fin is not None and ratio(fin) >= ratio(sup) + 0.5}
     print(f"within 1 point of the full cache: supervised {ratio(sup) or '-'}x, fine-tuned {ratio(fin) or '-'}x; "

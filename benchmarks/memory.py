@@ -28,7 +28,7 @@ import torch
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, evicting, full_cache_bytes, left_pad
-from kvzap_lab.evaluate import oracle_table
+from kvzap_lab.oracle import oracle_table
 from kvzap_lab.model import MODEL_HELP, load_model
 from kvzap_lab.policy import Policy, Threshold, get_policy
 

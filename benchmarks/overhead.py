@@ -34,22 +34,17 @@ import torch
 from kvzap_lab import tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, DEFAULT_COMPACT_EVERY, DEFAULT_EVICT_EVERY, evicting
 from kvzap_lab.model import MODEL_HELP, load_model
-from kvzap_lab.oracle import score_contexts
 from kvzap_lab.policy import Policy, calibrate, get_policy
 from kvzap_lab.surrogate import projection_flops_per_token
+from kvzap_lab.train import quick_mlp_fit
 
 
 def fitted_mlp(model, tokenizer, n_contexts: int, context_tokens: int, compression: float, seed: int):
     """A KVzap-MLP fitted on oracle scores of ``n_contexts`` task contexts, and tau for ``compression``."""
-    from kvzap_lab.policies.kvzap_mlp import KVzapMLP
-
     samples = []
     for i, task in enumerate(("single_needle", "kv_retrieval", "multi_value")):
         samples += tasks.make_samples(task, tokenizer, n_contexts // 3 + (i < n_contexts % 3), context_tokens, seed)
-    results = score_contexts(model, tokenizer, [s.context_ids for s in samples], return_hidden=True)
-    X = torch.cat([r.hidden for r in results]).numpy()
-    y = torch.cat([r.scores.permute(2, 0, 1) for r in results]).numpy()
-    scorer = KVzapMLP(epochs=3, seed=seed).fit(X, y)
+    scorer, X = quick_mlp_fit(model, tokenizer, [s.context_ids for s in samples], epochs=3, seed=seed)
     return scorer, calibrate(scorer.predict(X), compression)
 
 

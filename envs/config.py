@@ -88,14 +88,13 @@ def _resolve_policy(policy, checkpoint, model, window, sinks) -> Policy | None:
         raise ValueError("checkpoint= goes with a policy name, not with a Policy object (load the scorer into it)")
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a registered name or a kvzap_lab.policy.Policy; got {type(policy).__name__}")
-    if hasattr(policy.scorer, "check_model"):
-        try:
-            policy.scorer.check_model(model)
-        except RuntimeError as err:  # not fitted
-            raise ValueError(
-                f"policy {policy.name!r} asks for a trained scorer but has none: pass checkpoint=DIR (a scorer trained "
-                f"for this model, see `python -m kvzap_lab.train`) or use policy='oracle' ({err})"
-            ) from err
+    try:
+        policy.scorer.check_model(model)
+    except RuntimeError as err:  # a trainable scorer not fitted
+        raise ValueError(
+            f"policy {policy.name!r} asks for a trained scorer but has none: pass checkpoint=DIR (a scorer trained "
+            f"for this model, see `python -m kvzap_lab.train`) or use policy='oracle' ({err})"
+        ) from err
     return policy
 
 

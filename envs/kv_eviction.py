@@ -183,6 +183,17 @@ class KVEvictionEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, model: str | nn.Module = "testbed", tokenizer=None, render_mode: str | None = None, **options):
+        """Build the env (what ``gym.make("kvzap_lab/KVEviction-v0", ...)`` calls).
+
+        Args:
+            model: a model name (:func:`kvzap_lab.model.load_model`; loaded once per process) or a loaded model.
+            tokenizer: the loaded model's tokenizer (with a model object).
+            render_mode: None or ``"ansi"``.
+            **options: the sample pool, policy, engine schedule, spaces and reward weights (class docstring,
+                :func:`kvzap_lab.envs.config.configure`).
+        Raises:
+            ValueError: a bad option, naming it and what is valid.
+        """
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}; got {render_mode!r}")
         self.render_mode = render_mode

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import release
-from kvzap_lab.evaluate import oracle_table
+from kvzap_lab.oracle import oracle_table
 
 
 def text_window_samples(tokenizer, text: str, context_tokens: int, answer_tokens: int = 16) -> list[tasks.Sample]:

@@ -20,6 +20,7 @@ from kvzap_lab.engine import Offer, Pending, eviction_run, left_pad
 from kvzap_lab.envs.config import SCORE_BOUND, EnvConfig
 from kvzap_lab.envs.references import Reference
 from kvzap_lab.model import describe
+from kvzap_lab.policy import OracleTableScorer
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Rollout:
         if self.cache.real_seen is not None:
             self.run.restart_row(row)
         self.episodes[row] = Episode(sample, ref, len(sample.input_ids) + len(sample.answer_ids) - 1)
-        if hasattr(self._scorer, "set_scores"):  # the oracle policy reads the tables of its rows
+        if isinstance(self._scorer, OracleTableScorer):  # the oracle policy reads the tables of its rows
             width = max(len(e.sample.input_ids) for e in self.episodes if e is not None)
             self._table = torch.full((self.n, self.L, self.H, width), torch.inf)
             for i, e in enumerate(self.episodes):

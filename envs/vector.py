@@ -26,6 +26,14 @@ class KVEvictionVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
     def __init__(self, num_envs: int = 1, model: str | nn.Module = "testbed", tokenizer=None, **options):
+        """Build ``num_envs`` rows (what ``gym.make_vec("kvzap_lab/KVEviction-v0", num_envs, ...)`` calls).
+
+        Args:
+            num_envs: rows batched in each forward (>= 1).
+            model, tokenizer, **options: as :class:`~kvzap_lab.envs.kv_eviction.KVEvictionEnv`.
+        Raises:
+            ValueError: a bad option, naming it and what is valid.
+        """
         if not isinstance(num_envs, (int, np.integer)) or isinstance(num_envs, bool) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1; got {num_envs!r}")
         self.num_envs = int(num_envs)

@@ -26,15 +26,15 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from kvzap_lab import collect, oracle
 from kvzap_lab.envs import KVEvictionVectorEnv
-from kvzap_lab.model import MODEL_HELP, fingerprint, load_model
+from kvzap_lab.model import MODEL_HELP, load_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import Policy, Threshold
 from kvzap_lab.tasks import make_samples
+from kvzap_lab.train import quick_mlp_fit
 
 TAU_RANGE = (-15.0, 5.0)  # thresholds are clipped to this range of log-scores
 
@@ -47,10 +47,7 @@ def quick_mlp_scorer(model, tokenizer, task: str, n_contexts: int, context_token
     contexts = collect.task_contexts(tokenizer, [task], n_contexts, context_tokens, seed)
     if contexts[0].prefix != list(oracle.repeat_template(tokenizer).prefix):
         raise ValueError("the task prompt and the repeat prompt differ in prefix; collect a dataset with python -m kvzap_lab.collect")
-    results = oracle.score_contexts(model, tokenizer, [c.ids for c in contexts], return_hidden=True)
-    X = torch.cat([r.hidden for r in results]).numpy()  # [n, layers, hidden]
-    y = torch.cat([r.scores.permute(2, 0, 1) for r in results]).numpy()  # [n, layers, kv_heads]
-    return KVzapMLP(epochs=epochs, seed=seed).fit(X, y, manifest={"model_fingerprint": fingerprint(model)})
+    return quick_mlp_fit(model, tokenizer, [c.ids for c in contexts], epochs=epochs, seed=seed)[0]
 
 
 @dataclass

@@ -17,10 +17,10 @@ loop with chunked prefill built on it. Semantics are DMS/KVzap's:
   multi-token forward and every ``compact_every`` decode steps, or every ``seen / 16`` on shorter sequences),
   which keeps the per-step work small.
 
-KVzap linear and MLP scorers run through the fused scoring kernel (:func:`kvzap_lab.kernels.score_and_threshold`)
-when Triton runs (CUDA), one call per layer; elsewhere the buffered tokens of all layers are scored at once by
-one stacked matmul per map (:func:`stacked_weights`: on CPU at decode sizes, dispatch costs more than
-arithmetic). Compaction runs through :func:`kvzap_lab.kernels.compact` and leaves room for the tokens that
+Scorers with ``fused_weights()`` (KVzap linear and MLP) run through the fused scoring kernel
+(:func:`kvzap_lab.kernels.score_and_threshold`) when Triton runs (CUDA), one call per layer; elsewhere the
+buffered tokens of all layers are scored at once by one stacked matmul per map (:func:`stacked_weights`: on CPU
+at decode sizes, dispatch costs more than arithmetic). Compaction runs through :func:`kvzap_lab.kernels.compact` and leaves room for the tokens that
 arrive before the next one, so decode appends do not grow the storage.
 
 Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
@@ -50,6 +50,7 @@ from transformers.cache_utils import Cache
 from kvzap_lab.cache import CompactCache, Compression, outside_window
 from kvzap_lab.kernels import ScorerWeights, score_and_threshold, uses_triton
 from kvzap_lab.model import UnsupportedModelError, attention_override, capture_attention_inputs, describe
+from kvzap_lab.padding import pad_rows
 from kvzap_lab.policy import Policy
 
 DEFAULT_CHUNK = 128
@@ -60,7 +61,7 @@ DEFAULT_COMPACT_EVERY = 32
 def check_policy(model: nn.Module, policy: Policy | None) -> None:
     """Raise a clear error for a policy the engine cannot run on ``model``.
 
-    Checks: window and sinks are ints >= 0; a trained scorer matches the model (its ``check_model``). Infinite
+    Checks: window and sinks are ints >= 0; the scorer can score the model (its ``check_model``). Infinite
     thresholds are meaningful (``-inf`` keeps everything, ``+inf`` is StreamingLLM); NaN ones are refused by
     :class:`~kvzap_lab.policy.Threshold` itself.
     """
@@ -71,16 +72,20 @@ def check_policy(model: nn.Module, policy: Policy | None) -> None:
         value = getattr(rule, name, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"policy {policy.name!r}: rule.{name} must be an int >= 0; got {value!r}")
-    if hasattr(policy.scorer, "check_model"):
-        policy.scorer.check_model(model)
+    policy.scorer.check_model(model)
 
 
 def fused_weights(model: nn.Module, policy: Policy | None) -> list[ScorerWeights] | None:
-    """Per-layer :class:`~kvzap_lab.kernels.ScorerWeights` of a KVzap linear or one-hidden-layer MLP scorer (its
-    ``weights_``), on the model's device and in its dtype; ``None`` for any other scorer."""
-    stacked = getattr(None if policy is None else policy.scorer, "weights_", None)
-    if not isinstance(stacked, list) or len(stacked) not in (1, 2):
+    """Per-layer :class:`~kvzap_lab.kernels.ScorerWeights` of a scorer whose ``fused_weights()`` gives one or two
+    maps (KVzap linear, MLP of depth 1), on the model's device in float32; ``None`` for any other scorer."""
+    stacked = None if policy is None else policy.scorer.fused_weights()
+    if stacked is None:
         return None
+    if len(stacked) not in (1, 2):
+        raise ValueError(
+            f"policy {policy.name!r}: fused_weights() returned {len(stacked)} maps; the fused kernel runs one (linear) "
+            "or two (Linear-GELU-Linear): return None to be scored by score()"
+        )
     param = next(model.parameters())
     n_layers = stacked[0][0].shape[0]
     return [ScorerWeights.from_stacked(stacked, i).to(param.device, torch.float32) for i in range(n_layers)]
@@ -384,7 +389,7 @@ def _score_all_pending(run: EvictionRun) -> None:
 def _attend(run: EvictionRun):
     """The attention override: exact attention over the compacted cache; buffers the new tokens for scoring."""
     scorer = None if run.policy is None else run.policy.scorer
-    accumulates = bool(getattr(scorer, "accumulates_attention", False))
+    accumulates = scorer is not None and scorer.accumulates_attention
 
     def attend(module, query, key, value, attention_mask, base, **kwargs):
         cache, idx = run.cache, module.layer_idx
@@ -534,8 +539,19 @@ def evicting(
     ``policy`` (optional; its rule's window and sinks must be the offer's) scores the offered pairs.
 
     Forward calls get a :class:`CompactCache` (a new one when they pass none or an empty one); a 2-D
-    ``attention_mask`` must cover past and new tokens, left padding marked 0. Yields an :class:`EvictionRun`
-    whose ``cache`` gives ``compression()`` and ``bytes_held()``. Restores the model on exit.
+    ``attention_mask`` must cover past and new tokens, left padding marked 0. Restores the model on exit.
+
+    Args:
+        model: a supported causal LM (:func:`kvzap_lab.model.load_model`).
+        policy: the :class:`~kvzap_lab.policy.Policy` that scores and evicts; None: full cache.
+        evict_every: decode steps between eviction points (>= 1).
+        compact_every: decode steps between compactions (>= 1).
+        offer: decide from outside (an RL agent) instead of ``policy.rule``.
+    Yields:
+        an :class:`EvictionRun`: ``run.new_cache()`` for the forward calls; its ``cache`` gives ``compression()``
+        and ``bytes_held()``.
+    Raises:
+        ValueError: a policy the engine cannot run on ``model`` (:func:`check_policy`).
 
     Example::
 
@@ -566,14 +582,8 @@ class Generation:
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
     """Left-pad token lists into ``ids [b, n]`` and ``attention_mask [b, n]`` (1 on real tokens)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, width - len(row) :] = torch.as_tensor(list(row))
-            mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
+    ids, real = pad_rows(rows, pad_id, side="left", device=device)
+    return ids, real.long()
 
 
 def _prompt_batch(model: nn.Module, prompts, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -643,6 +653,20 @@ def generate(
     (reference tokens per row), a row also stops at its first token that differs from its reference: exact-match
     scoring needs no more, and evaluation gets much cheaper. To run several policies on the same prompts with a
     one-chunk prefill, :func:`prefill` once and :meth:`Prefill.branch` per policy gives the same results.
+
+    Args:
+        model: a supported causal LM (:func:`kvzap_lab.model.load_model`).
+        prompts: ``ids [b, n]`` or ``b`` token lists.
+        policy: the eviction policy (:func:`kvzap_lab.policy.get_policy`); None: full cache.
+        max_new_tokens: the most tokens generated per row (>= 1).
+        attention_mask: ``[b, n]``, 1 on real tokens (with ``ids``).
+        eos_token_id: stop token(s); default the model's.
+        chunk_size: prefill chunk in tokens (>= 1).
+        evict_every, compact_every: the engine's schedule (:func:`evicting`).
+        expected: reference tokens per row, to stop a row at its first mismatch.
+    Returns:
+        a :class:`Generation`: ``tokens`` (``b`` lists of generated ids), ``compression`` (a
+        :class:`~kvzap_lab.cache.Compression`), ``bytes_held`` and ``full_bytes`` at the end.
     """
     if max_new_tokens < 1 or chunk_size < 1:
         raise ValueError(f"max_new_tokens and chunk_size must be >= 1; got {max_new_tokens}, {chunk_size}")
@@ -703,7 +727,7 @@ class Prefill:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-        if policy is not None and getattr(policy.scorer, "accumulates_attention", False):
+        if policy is not None and policy.scorer.accumulates_attention:
             return generate(self.model, self.ids, policy, max_new_tokens, attention_mask=self.mask, eos_token_id=eos_token_id,
                             chunk_size=self.ids.shape[1], evict_every=evict_every, compact_every=compact_every, expected=expected)
         with evicting(self.model, policy, evict_every=evict_every, compact_every=compact_every) as run:

@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvzap_lab import cli, io, tasks
+from kvzap_lab import cli, io, tasks, tracking
 from kvzap_lab.faults import kill_point
 from kvzap_lab.engine import DEFAULT_CHUNK, Generation, generate, prefill
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
-from kvzap_lab.oracle import score_contexts
-from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, Policy, Threshold, TopK, get_policy, resolve_policy
+from kvzap_lab.oracle import oracle_table
+from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, OracleTableScorer, Policy, Threshold, TopK, as_scorer, get_policy, resolve_policy
 from kvzap_lab.stats import format_interval, wilson_interval
+from kvzap_lab.surrogate import is_trainable
 
 FULL = "full"
 DEFAULT_POLICIES = (FULL, "oracle", "streaming_llm", "knorm", "accumulated_attention", "random")
@@ -83,7 +84,7 @@ class Options:
 def parse_policy(spec: str) -> tuple[str, Path | None]:
     """``NAME`` or ``NAME@CHECKPOINT_DIR`` -> (name, checkpoint); a dir holding ``scorer/`` (train's --out) works."""
     name, _, path = spec.partition("@")
-    if name != FULL and hasattr(resolve_policy(name), "load") and not path:  # unknown names fail, listing known ones
+    if name != FULL and is_trainable(resolve_policy(name)) and not path:  # unknown names fail, listing known ones
         raise ValueError(f"policy {name!r} is a trained scorer: give its checkpoint as {name}@CHECKPOINT_DIR")
     if not path:
         return name, None
@@ -99,7 +100,7 @@ def uses_threshold(name: str, checkpoint: Path | None) -> bool:
     """Whether policy ``name`` is swept over taus (score thresholds) rather than keep ratios (budgets)."""
     if checkpoint is not None:
         return True
-    rule = getattr(resolve_policy(name), "default_rule", None)
+    rule = as_scorer(resolve_policy(name)()).default_rule  # None: scores of unknown scale, swept by budget
     return isinstance(rule, Threshold) and rule.tau != math.inf  # tau = inf is StreamingLLM: swept by budget
 
 
@@ -120,18 +121,6 @@ def build_policy(
     else:
         rule = TopK(budget=math.ceil(knob["keep_ratio"] * context_tokens), window=window, sinks=sinks)
     return get_policy(name, rule=rule, checkpoint=checkpoint, model=model if checkpoint is not None else None)
-
-
-def oracle_table(model, tokenizer, batch: list[tasks.Sample]) -> torch.Tensor:
-    """Oracle scores by absolute position ``[b, layers, kv_heads, n]``: log KVzip+ on each context, +inf (kept)
-    on the template and question tokens."""
-    results = score_contexts(model, tokenizer, [s.context_ids for s in batch])
-    layers, heads = results[0].scores.shape[:2]
-    table = torch.full((len(batch), layers, heads, max(len(s.input_ids) for s in batch)), math.inf)
-    for row, (sample, result) in enumerate(zip(batch, results)):
-        start, end = sample.context_span
-        table[row, :, :, start:end] = result.scores
-    return table
 
 
 def batches(samples: list[tasks.Sample], batch_size: int) -> list[list[tasks.Sample]]:
@@ -252,6 +241,8 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     """A plain-text table of every cell (accuracy with its 95 % Wilson interval), then the per-policy summary."""
+    from kvzap_lab.study.metrics import compression_ratio  # lazily: the study imports this module
+
     head = f"{'policy':<34} {'task':<18} {'ctx':>5} {'n':>4} {'acc [95% CI]':>22} {'compr':>6} {'bytes':>6} {'s/sample':>8}"
     lines = [head, "-" * len(head)]
     for r in records:
@@ -264,7 +255,7 @@ def format_table(records: list[dict]) -> str:
     lines += ["", f"{'policy (pooled over tasks, lengths)':<34} {'acc [95% CI]':>22} {'compr':>6} {'x':>6}"]
     for s in summarize(records):
         label = Cell(s["policy"], tuple(s["setting"].items()), "", 0).label()
-        ratio = 1 / max(1 - s["compression"], 1e-9)
+        ratio = compression_ratio(s["compression"])
         lines.append(f"{label:<34} {format_interval(s['accuracy'], s['n_samples']):>22} {s['compression']:>6.3f} {ratio:>6.2f}")
     return "\n".join(lines)
 
@@ -345,7 +336,7 @@ def _record(options: Options, cell: Cell, samples: list[tasks.Sample]) -> dict:
 
 
 def _takes_table(policy: Policy | None) -> bool:
-    return policy is not None and hasattr(policy.scorer, "set_scores")
+    return policy is not None and isinstance(policy.scorer, OracleTableScorer)
 
 
 def _shared_prefill_group(model, tokenizer, cells: list[tuple[Cell, Policy | None]], samples: list[tasks.Sample],
@@ -455,6 +446,27 @@ def _offsets(text: str) -> tuple[float, ...]:
     return values
 
 
+def _log_to_mlflow(args, records: list[dict], plot_path: Path) -> str:
+    """Log the evaluation run: the grid's params; per cell and per pooled (policy, setting) the accuracy, its
+    95 % Wilson bounds and the compression; the plot and the results file."""
+    metrics = {}
+    for r in records:
+        label = Cell(r["policy"], tuple(r["setting"].items()), r["task"], r["context_tokens"]).label()
+        low, high = wilson_interval(min(max(r["accuracy"], 0.0), 1.0), r["n_samples"])
+        for key, value in (("accuracy", r["accuracy"]), ("accuracy_low", low), ("accuracy_high", high), ("compression", r["compression"])):
+            metrics[tracking.metric_name(label, r["task"], r["context_tokens"], key)] = value
+    for s in summarize(records):
+        label = Cell(s["policy"], tuple(s["setting"].items()), "", 0).label()
+        for key in ("accuracy", "accuracy_low", "accuracy_high", "compression"):
+            metrics[tracking.metric_name(label, "pooled", key)] = s[key]
+    keys = ("model", "policies", "taus", "tau_offsets", "keep_ratios", "tasks", "context_tokens", "n_samples", "seed",
+            "window", "sinks", "chunk_size", "batch_size")
+    return tracking.log_run(
+        args.tracking_uri, args.experiment, "python -m kvzap_lab.evaluate", run_name=f"evaluate-{args.model}",
+        params={k: vars(args)[k] for k in keys}, metrics=metrics, artifacts=[plot_path, args.out],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="testbed", help=MODEL_HELP)
@@ -481,11 +493,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/eval/eval.jsonl"), help="JSON lines (resumable)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     parser.add_argument("--json", action="store_true", help="end with one JSON summary line")
+    parser.add_argument("--tracking-uri", default=None, help="log the run to MLflow (sqlite:///path/mlflow.db or "
+                        "http://host:port): params, per-cell accuracy with its Wilson interval and compression, the plot")
+    parser.add_argument("--experiment", default="kvzap-lab-evaluate", help="MLflow experiment (with --tracking-uri)")
     args = parser.parse_args(argv)
 
+    if args.tracking_uri:
+        tracking.check_tracking_uri(args.tracking_uri)  # within seconds, before any work
     io.check_writable(args.out.parent)
     policies = [parse_policy(p) for p in args.policies]
     model, tokenizer = load_model(args.model, device=args.device)
+    for name, checkpoint in policies:  # a bad or mismatched checkpoint fails here, before any cell runs
+        if checkpoint is not None:
+            get_policy(name, checkpoint=checkpoint, model=model)
     n_layers = describe(model).n_layers
     if args.tau_offsets is not None and len(args.tau_offsets) != n_layers:
         parser.error(f"--tau-offsets has {len(args.tau_offsets)} values; the model has {n_layers} layers (one offset per layer)")
@@ -499,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     plot_path = args.plot or args.out.with_suffix(".png")
     plot(records, plot_path)
     print(format_table(records), file=sys.stderr if args.json else sys.stdout)
+    run_id = _log_to_mlflow(args, records, plot_path) if args.tracking_uri else None
     if args.json:
-        print(json.dumps({"out": str(args.out), "plot": str(plot_path), "cells": len(records), "summary": summarize(records)}))
+        print(json.dumps({"out": str(args.out), "plot": str(plot_path), "cells": len(records), "summary": summarize(records)}
+                         | ({"mlflow_run_id": run_id} if run_id else {})))
     return 0
 
 

@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from kvzap_lab import cli, io, tasks
 from kvzap_lab.faults import kill_point
 from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, load_model
+from kvzap_lab.padding import pad_rows
 from kvzap_lab.policies.kvzap_linear import KVzapLinear
 from kvzap_lab.policy import Policy, Threshold, resolve_policy
 from kvzap_lab.soft_eviction import NoGradientError, Schedule, ScorerNet, soft_forward, visibility
@@ -175,14 +176,6 @@ class Batches:
         return [self.item(step, k) for k in range(self.args.batch_size)]
 
 
-def pad(items: list[Item], pad_id: int) -> torch.Tensor:
-    """Right-padded ``ids [b, n]``."""
-    ids = torch.full((len(items), max(len(it.ids) for it in items)), pad_id, dtype=torch.long)
-    for row, it in enumerate(items):
-        ids[row, : len(it.ids)] = torch.tensor(it.ids)
-    return ids
-
-
 def targets(items: list[Item], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keep [b, width] bool, weights [kept])``: the columns whose logits predict each item's targets, and weights
     ``1 / (targets * items)`` so that a weighted sum is the mean over items of the mean over their targets."""
@@ -209,7 +202,7 @@ def lr_at(args: Args, step: int) -> float:
 def judged_scores(model, net: ScorerNet, items: list[Item], schedule: Schedule, window: int, sinks: int) -> tuple[torch.Tensor, int]:
     """Scores (full-cache forward) of the pairs the rule judges when ``items`` are fed by ``schedule``, and the number
     of real pairs (tokens x layers x KV heads): what a threshold's compression is counted over."""
-    ids = pad(items, model.config.pad_token_id or 0).to(_device(model))
+    ids = pad_rows([it.ids for it in items], model.config.pad_token_id or 0, device=_device(model))[0]  # right-padded
     vis = visibility([(it.prompt, len(it.ids)) for it in items], schedule, window, sinks)
     with torch.no_grad(), capture_attention_inputs(model) as hidden:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -249,7 +242,7 @@ def train_step(
 ) -> dict:
     """One optimizer step (``start``: the frozen supervised scorer, for the anchor); returns the step's metrics."""
     device = _device(model)
-    ids = pad(items, model.config.pad_token_id or 0).to(device)
+    ids = pad_rows([it.ids for it in items], model.config.pad_token_id or 0, device=device)[0]  # right-padded
     vis = visibility([(it.prompt, len(it.ids)) for it in items], schedule, args.window, args.sinks)
     keep, weights = (t.to(device) for t in targets(items, ids.shape[1]))
     with torch.no_grad():

@@ -104,8 +104,8 @@ class ScorerWeights:
 
     @classmethod
     def from_stacked(cls, weights: list[tuple[Tensor, Tensor]], layer: int) -> "ScorerWeights":
-        """Layer ``layer`` of stacked nn.Linear-layout maps ``[(W [layers, out, in], b [layers, out]), ...]``, the
-        ``weights_`` of the lab's trained KVzapLinear (one map) and KVzapMLP (two maps, GELU between) scorers."""
+        """Layer ``layer`` of stacked nn.Linear-layout maps ``[(W [layers, out, in], b [layers, out]), ...]``, as
+        what a scorer's ``fused_weights()`` returns (KVzapLinear: one map; KVzapMLP: two, GELU between)."""
         if len(weights) not in (1, 2):
             raise ValueError(f"the kernel runs linear (1 map) or one-hidden-layer MLP (2 maps) scorers; got {len(weights)} maps")
         return cls(*(t for W, b in weights for t in (W[layer].T, b[layer])))

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         tau = json.loads(args.tau)
     except json.JSONDecodeError:
         raise ValueError(f"--tau takes a number or a JSON list (e.g. -6 or '[-6, -5.5]'); got {args.tau!r}") from None
+    io.check_writable(Path(args.out).parent)
     scorer = load_scorer(args.checkpoint)
     rule = Threshold(tau=tau, **{k: v for k, v in (("window", args.window), ("sinks", args.sinks)) if v is not None})
     out = export_press(Policy(name=scorer.policy_name, scorer=scorer, rule=rule), args.out)

@@ -27,12 +27,14 @@ copy up to themselves; a pair's score is the max over the copied tokens of every
 exactly the unchunked repeat prompt.
 
 Public API: :func:`repeat_template`, :func:`repeat_prompt`, :func:`oracle_scores` (one context),
-:func:`score_contexts` (a batch, optionally with the hidden states of the context tokens),
+:func:`score_contexts` (a batch, optionally with the hidden states of the context tokens), :func:`oracle_table`
+(a batch of task samples as a table by absolute position, for the oracle policy),
 :func:`decode_oracle_scores` (tokens the model generated) and :func:`repeat_chunk` (the chunk actually used).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -41,7 +43,8 @@ from torch import nn
 
 from kvzap_lab.model import attention_override, capture_attention_inputs, describe
 from kvzap_lab.oracle_attention import DEFINITIONS, ForwardPlan, RowPlan, ScoringAttention
-from kvzap_lab.tasks import COPY_INSTRUCTION
+from kvzap_lab.padding import pad_rows
+from kvzap_lab.tasks import COPY_INSTRUCTION, Sample
 
 INSTRUCTION = "\n" + COPY_INSTRUCTION  # the test bed learnt the copy task with this very instruction
 DEFAULT_CHUNK = 2048
@@ -159,11 +162,19 @@ def oracle_scores(
     anchor: int = DEFAULT_ANCHOR,
     definition: str = "paper",
 ) -> torch.Tensor:
-    """Log KVzip+ scores (log KVzip with ``normalize=False``) of one context: ``[layers, kv_heads, n]`` float32.
+    """Log KVzip+ scores (log KVzip with ``normalize=False``) of one context.
 
-    ``tokenizer`` is a HF tokenizer or a :class:`RepeatTemplate`; ``context`` text or token ids.
-    ``chunk_size`` is the largest repeat chunk (see :func:`repeat_chunk`); ``chunk_size=None`` repeats the whole
-    context in one forward pass (reference path). ``definition``: ``"paper"`` or ``"kvpress"`` (module docstring).
+    Args:
+        model: a supported causal LM (:func:`kvzap_lab.model.load_model`).
+        tokenizer: its HF tokenizer, or a :class:`RepeatTemplate`.
+        context: text or ``n`` token ids.
+        normalize: KVzip+ (attention times ``||W_O v|| / ||h||``); False: KVzip.
+        chunk_size: the largest repeat chunk (:func:`repeat_chunk`); None repeats the whole context in one
+            forward pass (reference path).
+        anchor: tokens of the previous chunk repeated before each chunk.
+        definition: ``"paper"`` or ``"kvpress"`` (module docstring).
+    Returns:
+        ``[layers, kv_heads, n]`` float32 log-scores, one per context token.
     """
     results = score_contexts(
         model, tokenizer, [context], normalize=normalize, chunk_size=chunk_size, anchor=anchor, definition=definition
@@ -223,6 +234,25 @@ def score_contexts(
         for i, result in zip(group, scored):
             results[i] = result
     return results
+
+
+def oracle_table(model, tokenizer, batch: list[Sample]) -> torch.Tensor:
+    """The oracle table of a batch of task samples, what :class:`~kvzap_lab.policy.OracleTableScorer` reads.
+
+    Args:
+        model, tokenizer: the model the samples are answered with (:func:`kvzap_lab.model.load_model`).
+        batch: ``b`` task samples (:mod:`kvzap_lab.tasks`).
+    Returns:
+        ``[b, layers, kv_heads, n]`` float scores by absolute position (``n`` the longest prompt): log KVzip+ on
+        each context, +inf (always kept) on the template and question tokens.
+    """
+    results = score_contexts(model, tokenizer, [s.context_ids for s in batch])
+    layers, heads = results[0].scores.shape[:2]
+    table = torch.full((len(batch), layers, heads, max(len(s.input_ids) for s in batch)), math.inf)
+    for row, (sample, result) in enumerate(zip(batch, results)):
+        start, end = sample.context_span
+        table[row, :, :, start:end] = result.scores
+    return table
 
 
 def repeat_chunk(model: nn.Module, tokenizer, n: int, chunk_size: int | None, anchor: int = DEFAULT_ANCHOR) -> int:
@@ -314,17 +344,6 @@ def _context_ids(tokenizer, context, index: int, vocab_size: int) -> list[int]:
     return ids
 
 
-def _pad_rows(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows: ``(ids [b, t], real [b, t] bool)``."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    real = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-        real[i, : len(row)] = True
-    return ids, real
-
-
 def _forward(model, ids, attention_mask, positions, cache=None):
     model.model(
         input_ids=ids,
@@ -339,7 +358,7 @@ def _run_unchunked(model, template, ids, scoring: ScoringAttention, return_hidde
     """One forward over the whole repeat prompts; the repeated copies (kvpress: the whole repeat) are scored."""
     device = model.device
     prompts = [repeat_prompt(template, c) for c in ids]
-    tokens, real = _pad_rows([p.input_ids for p in prompts], 0, device)
+    tokens, real = pad_rows([p.input_ids for p in prompts], 0, device=device)
     rows = []
     for prompt in prompts:
         scored = prompt.repeat_span
@@ -360,7 +379,7 @@ def _run_chunked(model, template, ids, scoring: ScoringAttention, chunk_size, si
 
     device = model.device
     prefix = len(template.prefix)
-    tokens, real = _pad_rows([list(template.prefix) + c for c in ids], 0, device)
+    tokens, real = pad_rows([list(template.prefix) + c for c in ids], 0, device=device)
     length = tokens.shape[1]
     positions = torch.arange(length, device=device).expand_as(tokens)
     cache = DynamicCache()
@@ -390,7 +409,7 @@ def _run_chunked(model, template, ids, scoring: ScoringAttention, chunk_size, si
                 plans.append(RowPlan(len(rows[-1]), cache_len, (0, len(rows[-1])), kept, min(KVPRESS_SINK, start)))
             else:
                 plans.append(RowPlan(len(rows[-1]), cache_len, (len(lead), len(rows[-1])), (prefix, cache_len)))
-        step, step_real = _pad_rows(rows, 0, device)
+        step, step_real = pad_rows(rows, 0, device=device)
         step_positions = context_end[:, None] + torch.arange(step.shape[1], device=device)
         mask = torch.cat([real, step_real], dim=1)
         scoring.run(ForwardPlan(length, tuple(plans)), lambda: _forward(model, step, mask, step_positions, cache))

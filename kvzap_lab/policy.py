@@ -3,10 +3,13 @@
 A :class:`Policy` is ``(name, scorer, rule)``; the eviction engine, evaluation, the environment and the studies
 all take one. Both halves are small, kvpress-press-sized objects:
 
-- a **scorer** implements ``score(hidden, layer, *, keys, values, positions) -> [b, kv_heads, t]`` for the ``t``
-  new tokens of one layer (higher = more important; KVzap predicts log KVzip+). A scorer whose
-  ``accumulates_attention`` is True (H2O/TOVA-like) has the engine add, at every step, the attention mass each
-  held pair receives to its stored score.
+- a **scorer** is a :class:`Scorer`: ``score(hidden, layer, *, keys, values, positions) -> [b, kv_heads, t]`` for
+  the ``t`` new tokens of one layer (higher = more important; KVzap predicts log KVzip+), plus optional hooks
+  with defaults (:class:`Scorer` lists them): ``accumulates_attention``, ``default_rule``, ``check_model``,
+  ``fused_weights``; :class:`OracleTableScorer` adds ``set_scores`` for scorers that read the oracle table of
+  the current batch; :class:`kvzap_lab.surrogate.TrainableScorer` adds ``fit``/``predict``/``save``/``load``
+  and the study's ``policy_name``. A plain class with ``score()`` (and ``accumulates_attention``) that does
+  not subclass :class:`Scorer` works too: :class:`ScorerAdapter` gives it the defaults.
 - a **rule** implements ``keep(scores, layer, valid) -> bool [b, kv_heads, n]`` over the held pairs that are
   outside the sliding window and not sinks (the engine never offers those to the rule). Rules here:
   :class:`Threshold` (one global tau, a tau per layer, or a tau per layer and KV head; :func:`calibrate` picks
@@ -15,12 +18,12 @@ all take one. Both halves are small, kvpress-press-sized objects:
 
 Policies are found by name with :func:`get_policy`: built-ins (``policies/*.py``), anything decorated with
 :func:`register_policy`, the entry-point group ``kvzap_lab.policies``, or ``path/to/file.py:ClassName``.
-A registered object is a scorer class (or any callable returning a scorer); its optional ``default_rule``
-attribute is the rule used when ``get_policy`` is given none.
+A registered object is a scorer class (or any callable returning a scorer); its scorer's ``default_rule`` is
+the rule used when ``get_policy`` is given none.
 
-API additions beyond the brief (nothing in it was changed): ``get_policy`` takes ``rule=``, ``checkpoint=``
-(a directory written by a trainable scorer's ``save``) and ``model=`` (checked against the checkpoint's model
-fingerprint); ``register_policy`` accepts several names (aliases such as ``mlp`` for ``kvzap_mlp``).
+``get_policy`` also takes ``rule=``, ``checkpoint=`` (a directory written by a trainable scorer's ``save``) and
+``model=`` (checked against the checkpoint's model fingerprint); ``register_policy`` accepts several names
+(aliases such as ``mlp`` for ``kvzap_mlp``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -53,26 +56,6 @@ _BUILTIN_MODULES = (
     "knorm",
     "accumulated_attention",
 )
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    """Scores the new KV pairs of one layer: ``hidden [b, t, hidden]`` -> ``[b, kv_heads, t]`` (higher = keep).
-
-    ``keys``/``values`` are ``[b, kv_heads, t, head_dim]`` post-RoPE, ``positions`` ``[b, t]`` absolute positions.
-    """
-
-    accumulates_attention: bool
-
-    def score(
-        self,
-        hidden: Tensor,
-        layer: int,
-        *,
-        keys: Tensor | None = None,
-        values: Tensor | None = None,
-        positions: Tensor | None = None,
-    ) -> Tensor: ...
 
 
 @runtime_checkable
@@ -197,17 +180,121 @@ def calibrate(
     return Threshold(tau=tau.tolist() if np.ndim(tau) else float(tau), window=window, sinks=sinks)
 
 
+class Scorer:
+    """Base of every scorer: ``score()`` is the one method to write; the hooks below have defaults.
+
+    ``score(hidden, layer, *, keys, values, positions)`` scores the new KV pairs of one layer: ``hidden
+    [b, t, hidden]`` (the hidden state entering the attention layer), ``keys``/``values`` ``[b, kv_heads, t,
+    head_dim]`` post-RoPE, ``positions [b, t]`` absolute positions -> ``[b, kv_heads, t]`` (higher = keep).
+
+    Optional hooks (override in a subclass):
+
+    - ``accumulates_attention`` (default False): the engine adds, at every step, the attention mass each held
+      pair receives (summed over the query heads of its KV group) to its stored score (H2O/TOVA-like).
+    - ``default_rule`` (default None): the rule :func:`get_policy` uses when given none (None: ``Threshold()``,
+      tau -6 on log KVzip+); evaluation sweeps taus for a scorer declaring a finite :class:`Threshold` and
+      budgets (keep ratios) otherwise, since the scale of undeclared scores is unknown.
+    - ``check_model(model)`` (default: nothing): raise a ValueError when the scorer cannot score ``model``
+      (e.g. it was trained for another one); the engine calls it before a run.
+    - ``fused_weights()`` (default None): the per-layer maps of a KVzap linear or one-hidden-layer MLP scorer,
+      ``[(W [layers, out, in], b [layers, out])]`` (one map) or two maps with GELU between, which ``score()``
+      must equal; the engine then scores through the fused kernel and ``score()`` is not called.
+
+    Scorers that read the oracle table subclass :class:`OracleTableScorer`; trainable ones
+    :class:`kvzap_lab.surrogate.TrainableScorer` (``fit``, ``predict``, ``save``, ``load``).
+    """
+
+    accumulates_attention: ClassVar[bool] = False
+    default_rule: ClassVar[Rule | None] = None
+
+    def score(
+        self,
+        hidden: Tensor,
+        layer: int,
+        *,
+        keys: Tensor | None = None,
+        values: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """Scores ``[b, kv_heads, t]`` of the ``t`` new pairs of ``layer`` (see the class docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score(hidden, layer, *, keys, values, positions)")
+
+    def check_model(self, model) -> None:
+        """Raise a ValueError if this scorer cannot score ``model``; by default every model is fine."""
+
+    def fused_weights(self) -> list[tuple[Tensor, Tensor]] | None:
+        """The maps the fused KVzap kernel runs instead of :meth:`score` (see the class docstring), or None."""
+        return None
+
+
+class OracleTableScorer(Scorer):
+    """A scorer that reads precomputed oracle scores: evaluation, the envs and the benchmarks call
+    :meth:`set_scores` with the table of the current batch before its prefill."""
+
+    def set_scores(self, table: Tensor) -> None:
+        """Take the oracle table ``[b, layers, kv_heads, n]`` (or ``[layers, kv_heads, n]``) by absolute position."""
+        raise NotImplementedError(f"{type(self).__name__} must implement set_scores(table)")
+
+
+class ScorerAdapter(Scorer):
+    """A scorer object that does not subclass :class:`Scorer` (README's plain class with ``score()`` and
+    ``accumulates_attention``), with the base's defaults for every other hook.
+
+    The one place such objects are adapted (:class:`Policy` does it). The object's own ``accumulates_attention``
+    (False when absent) and ``default_rule`` are honoured; its other attributes read through (``wrapped``).
+    Hooks that only a subclass can declare (``check_model``, ``fused_weights``, ``set_scores``) are refused with
+    a TypeError rather than silently ignored.
+    """
+
+    _SUBCLASS_HOOKS = ("check_model", "fused_weights", "set_scores")
+
+    def __init__(self, wrapped):
+        if not callable(getattr(wrapped, "score", None)):
+            raise TypeError(f"the scorer {type(wrapped).__name__} has no score() method")
+        declared = [hook for hook in self._SUBCLASS_HOOKS if hasattr(wrapped, hook)]
+        if declared:
+            base = "OracleTableScorer" if "set_scores" in declared else "Scorer"
+            raise TypeError(
+                f"the scorer {type(wrapped).__name__} defines {', '.join(declared)} without subclassing "
+                f"kvzap_lab.policy.{base}: subclass it so that the hook is used"
+            )
+        self.wrapped = wrapped
+        self.accumulates_attention = bool(getattr(wrapped, "accumulates_attention", False))
+        self.default_rule = getattr(wrapped, "default_rule", Scorer.default_rule)
+
+    def score(self, hidden: Tensor, layer: int, **kwargs) -> Tensor:
+        return self.wrapped.score(hidden, layer, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "wrapped":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.wrapped, name)
+
+    def __repr__(self) -> str:
+        return f"ScorerAdapter({self.wrapped!r})"
+
+
+def as_scorer(scorer) -> Scorer:
+    """``scorer`` itself when it is a :class:`Scorer`, else a :class:`ScorerAdapter` around it."""
+    return scorer if isinstance(scorer, Scorer) else ScorerAdapter(scorer)
+
+
 @dataclass
 class Policy:
-    """What the engine, evaluation, env and study take: a named scorer plus a rule."""
+    """What the engine, evaluation, env and study take: a named scorer plus a rule.
+
+    A scorer that does not subclass :class:`Scorer` is wrapped in a :class:`ScorerAdapter` here.
+    """
 
     name: str
     scorer: Scorer
     rule: Rule
 
     def __post_init__(self):
-        if not callable(getattr(self.scorer, "score", None)):
-            raise TypeError(f"policy {self.name!r}: the scorer {type(self.scorer).__name__} has no score() method")
+        try:
+            self.scorer = as_scorer(self.scorer)
+        except TypeError as err:
+            raise TypeError(f"policy {self.name!r}: {err}") from None
         if not callable(getattr(self.rule, "keep", None)):
             raise TypeError(f"policy {self.name!r}: the rule {type(self.rule).__name__} has no keep() method")
 
@@ -281,17 +368,29 @@ def resolve_policy(name: str) -> Callable[..., Scorer]:
 def get_policy(name: str, *, rule: Rule | None = None, checkpoint: str | Path | None = None, model=None, **params) -> Policy:
     """Build a :class:`Policy` by name.
 
-    ``params`` go to the scorer's constructor; ``checkpoint`` loads a trained scorer instead (its class's
-    ``load(checkpoint, model=model)``, which raises if the checkpoint was trained for another model);
-    ``rule`` defaults to the scorer's ``default_rule`` or ``Threshold()``.
+    Args:
+        name: a registered name (``list_policies()``), an entry point, or ``path/to/file.py:ClassName``.
+        rule: the rule; default: the scorer's ``default_rule``, else ``Threshold()``.
+        checkpoint: a directory written by a trainable scorer's ``save``: the scorer is loaded from it (its
+            class's ``load(checkpoint, model=model)``) instead of built from ``params``.
+        model: with ``checkpoint``, the model the scorer must have been trained for (checked).
+        **params: the scorer's constructor arguments.
+    Returns:
+        the :class:`Policy` ``(name, scorer, rule)``.
+    Raises:
+        ValueError: an unknown name, or a checkpoint trained for another model.
+        TypeError: a checkpoint for a scorer that is not trainable, or both ``checkpoint`` and ``params``.
     """
+    from kvzap_lab.surrogate import is_trainable
+
     factory = resolve_policy(name)
     if checkpoint is not None:
-        if not hasattr(factory, "load"):
+        if not is_trainable(factory):
             raise TypeError(f"policy {name!r} is not trainable: it has no checkpoint to load")
         if params:
             raise TypeError(f"give either checkpoint= or scorer params for {name!r}, not both (got {sorted(params)})")
         scorer = factory.load(checkpoint, model=model)
     else:
-        scorer = factory(**params)
-    return Policy(name=name, scorer=scorer, rule=rule if rule is not None else getattr(scorer, "default_rule", DEFAULT_RULE))
+        scorer = as_scorer(factory(**params))
+    rule = rule if rule is not None else scorer.default_rule if scorer.default_rule is not None else DEFAULT_RULE
+    return Policy(name=name, scorer=scorer, rule=rule)

@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from kvzap_lab.policy import Threshold
+from kvzap_lab.policy import Scorer, Threshold
 
 MANIFEST_KEYS = ("model_fingerprint", "n_layers", "hidden_size", "n_kv_heads")
 
@@ -178,13 +178,23 @@ def r2_spearman_mse(y_true, y_pred) -> dict:
     return out
 
 
-class TrainableScorer(BaseEstimator):
-    """Base of the KVzap-linear, KVzap-MLP and boosted-tree scorers (sklearn estimator + policy scorer)."""
+def is_trainable(factory) -> bool:
+    """Whether a policy's factory (:func:`kvzap_lab.policy.resolve_policy`) is a :class:`TrainableScorer` class."""
+    return isinstance(factory, type) and issubclass(factory, TrainableScorer)
+
+
+class TrainableScorer(Scorer, BaseEstimator):
+    """Base of the KVzap-linear, KVzap-MLP and boosted-tree scorers (sklearn estimator + policy scorer).
+
+    Adds to :class:`~kvzap_lab.policy.Scorer`'s hooks: ``fit``, ``predict``, ``save``, ``load`` (a classmethod)
+    and ``policy_name`` (the name the study files its runs under); ``check_model`` checks the model this scorer
+    was trained for; the default rule is a :class:`~kvzap_lab.policy.Threshold` on the predicted log KVzip+.
+    """
 
     policy_name: ClassVar[str]
-    accumulates_attention: ClassVar[bool] = False
     default_rule: ClassVar[Threshold] = Threshold()
     param_ranges: ClassVar[dict[str, Interval]]
+    n_threads: int | None = None  # threads while fitting (None: the process's torch setting); a constructor param where tunable
 
     def _check_params(self) -> None:
         """Raise a ValueError naming the first parameter outside its valid range (see ``param_ranges``)."""
@@ -201,7 +211,7 @@ class TrainableScorer(BaseEstimator):
         self.trained_for_ = {"model_fingerprint": model_facts(manifest).get("model_fingerprint")} | dict(
             n_layers=X.shape[1], hidden_size=X.shape[2], n_kv_heads=y.shape[2]
         )
-        with limited_threads(getattr(self, "n_threads", None)):
+        with limited_threads(self.n_threads):
             self._fit(X, y)
         return self
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from kvzap_lab import cli, io, tasks
 from kvzap_lab.faults import kill_point
 from kvzap_lab.model import TESTBED_PATH
+from kvzap_lab.padding import pad_rows
 
 CHAT_TEMPLATE = (
     "{{ '<|bos|>' }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
@@ -253,12 +254,8 @@ class BatchSource(torch.utils.data.Dataset):
             masks.append(mask)
             kinds.append(kind)
             budget -= len(ids)
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for row, (ids, mask) in enumerate(zip(seqs, masks)):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+        input_ids, _ = pad_rows(seqs, self.pad)
+        labels, _ = pad_rows([[t if m == 1 else -100 for t, m in zip(ids, mask)] for ids, mask in zip(seqs, masks)], -100)
         kind_ids = torch.tensor([KINDS.index(k) for k in kinds])
         return input_ids, labels, kind_ids, length
 
@@ -392,26 +389,19 @@ def train(config: TrainConfig, out: Path, device: str, workers: int, every: int,
 def teacher_forced_scores(model, samples, batch_size: int = 16) -> list[float]:
     """Greedy-decoding scores of each sample, computed in one teacher-forced forward per batch.
 
-    Greedy decoding reproduces the reference exactly iff the argmax is right at every answer position; the
-    copy task's token accuracy is the fraction of answer positions whose argmax is right.
+    Greedy decoding reproduces the reference exactly iff the argmax is right at every answer position, so the
+    argmaxes at the answer positions are the greedy answer, scored by :func:`kvzap_lab.tasks.score_answer`.
     """
     device = next(model.parameters()).device
     scores = []
     for begin in range(0, len(samples), batch_size):
         batch = samples[begin : begin + batch_size]
-        seqs = [s.input_ids + s.answer_ids for s in batch]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-        logits = model(input_ids=input_ids.to(device)).logits
+        input_ids, _ = pad_rows([s.input_ids + s.answer_ids for s in batch], 0, device=device)
+        logits = model(input_ids=input_ids).logits
         for row, sample in enumerate(batch):
             start = len(sample.input_ids)
             predicted = logits[row, start - 1 : start - 1 + len(sample.answer_ids)].argmax(-1).tolist()
-            if sample.task == "copy":
-                scores.append(sum(p == r for p, r in zip(predicted, sample.answer_ids)) / len(sample.answer_ids))
-            else:
-                scores.append(float(predicted == sample.answer_ids))
+            scores.append(tasks.score_answer(sample, predicted))
     return scores
 
 

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from kvzap_lab import cli, io
+from kvzap_lab import cli, io, tracking
 from kvzap_lab.policy import resolve_policy
-from kvzap_lab.surrogate import TrainableScorer, check_training_data, projection_flops_per_token, r2_spearman_mse
+from kvzap_lab.surrogate import TrainableScorer, check_training_data, is_trainable, projection_flops_per_token, r2_spearman_mse
 
 
 def _load_dataset(path, model=None):
@@ -39,7 +40,7 @@ def evaluate(scorer: TrainableScorer, X_test, y_test) -> dict:
 def make_scorer(policy: str, params: dict | None = None) -> TrainableScorer:
     """The unfitted trainable scorer ``policy`` with ``params``, its parameters validated (ValueError otherwise)."""
     factory = resolve_policy(policy)
-    if not (isinstance(factory, type) and issubclass(factory, TrainableScorer)):
+    if not is_trainable(factory):
         raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, gbdt (kvzap_linear, kvzap_mlp)")
     try:
         scorer = factory(**(params or {}))
@@ -50,9 +51,20 @@ def make_scorer(policy: str, params: dict | None = None) -> TrainableScorer:
 
 
 def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=None) -> tuple[TrainableScorer, dict]:
-    """Fit the trainable scorer ``policy`` with ``params`` on ``dataset`` (X/y train/test + manifest); return it with
-    its held-out metrics, training seconds, FLOPs per token, and (with ``model``) the FLOPs ratio to the model's
-    linear projections."""
+    """Fit a trainable scorer and measure its held-out fit (what ``python -m kvzap_lab.train`` does).
+
+    Args:
+        policy: a trainable policy name (``linear``, ``mlp``, ``gbdt`` or a registered one).
+        dataset: an oracle dataset (:func:`kvzap_lab.data.load_dataset`): ``X_train [n, layers, hidden]``,
+            ``y_train [n, layers, kv_heads]``, the same for test, and its ``manifest``.
+        params: the scorer's constructor arguments (validated before fitting).
+        model: the model the dataset was collected on (checked; gives the FLOPs ratio).
+    Returns:
+        ``(scorer, summary)``: the fitted scorer and ``{policy, params, train_seconds, n_train, n_test, r2,
+        spearman, mse, per_layer, flops_per_token[, flops_ratio]}``.
+    Raises:
+        ValueError: an untrainable policy, bad parameters, or a dataset of another model.
+    """
     scorer = make_scorer(policy, params)
     start = time.perf_counter()
     scorer.fit(dataset.X_train, dataset.y_train, manifest=dataset.manifest)
@@ -64,6 +76,28 @@ def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=Non
         scorer.check_model(model)
         summary["flops_ratio"] = summary["flops_per_token"] / projection_flops_per_token(model.config)
     return scorer, summary
+
+
+def quick_mlp_fit(model, tokenizer, contexts: list[list[int]], *, epochs: int, seed: int) -> tuple[TrainableScorer, np.ndarray]:
+    """A KVzap-MLP fitted in memory on every token of ``contexts`` (no dataset on disk): the oracle's hidden
+    states -> its log KVzip+ scores, for examples and benchmarks that need a trained scorer in seconds.
+
+    Args:
+        model, tokenizer: the model to score (:func:`kvzap_lab.model.load_model`); the scorer is tied to it.
+        contexts: token ids of each context.
+        epochs, seed: the MLP's training epochs and seed.
+    Returns:
+        ``(scorer, X)``: the fitted scorer and its training inputs ``X [n_tokens, layers, hidden]`` (to
+        calibrate a threshold on, :func:`kvzap_lab.policy.calibrate`).
+    """
+    from kvzap_lab.model import fingerprint
+    from kvzap_lab.oracle import score_contexts
+
+    results = score_contexts(model, tokenizer, contexts, return_hidden=True)
+    X = torch.cat([r.hidden for r in results]).numpy()  # [n, layers, hidden]
+    y = torch.cat([r.scores.permute(2, 0, 1) for r in results]).numpy()  # [n, layers, kv_heads]
+    scorer = make_scorer("mlp", {"epochs": epochs, "seed": seed})
+    return scorer.fit(X, y, manifest={"model_fingerprint": fingerprint(model)}), X
 
 
 def plot_predictions(y_true, y_pred, path) -> None:
@@ -116,6 +150,18 @@ def _report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _log_to_mlflow(args, summary: dict, out: Path) -> str:
+    """Log the training run (params, held-out metrics, per-layer R², the plot, the dataset as input)."""
+    per_layer = {tracking.metric_name("r2_layer", i): r for i, r in enumerate(summary["per_layer"]["r2"])}
+    keys = ("r2", "spearman", "mse", "train_seconds", "n_train", "n_test", "flops_per_token", "flops_ratio")
+    return tracking.log_run(
+        args.tracking_uri, args.experiment, "python -m kvzap_lab.train", run_name=f"train-{summary['policy']}",
+        params={"policy": args.policy, "data": args.data, "model": args.model} | summary["params"],
+        metrics={k: summary.get(k) for k in keys} | per_layer,
+        artifacts=[out / "pred_vs_true.png", out / "metrics.json"], inputs=[tracking.dataset_input(args.data)],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.train", description=__doc__.split("\n")[0])
     parser.add_argument("--policy", required=True, help="trainable policy: linear, mlp, gbdt (or a registered name)")
@@ -124,12 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="scorer hyperparameter, repeatable")
     parser.add_argument("--model", help="model name or path to check the dataset against and compute the FLOPs ratio")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="log the run to MLflow (sqlite:///path/mlflow.db or http://host:port): params, R², the plot")
+    parser.add_argument("--experiment", default="kvzap-lab-train", help="MLflow experiment (with --tracking-uri)")
     args = parser.parse_args(argv)
 
+    if args.tracking_uri:
+        tracking.check_tracking_uri(args.tracking_uri)  # within seconds, before any work
     params = _parse_params(args.set)
     if "verbose" in inspect.signature(resolve_policy(args.policy)).parameters:
         params.setdefault("verbose", True)  # tqdm progress on the command line
     make_scorer(args.policy, params)  # bad parameters fail here, before any data is read
+    io.check_writable(Path(args.out))
     model = None
     if args.model:
         from kvzap_lab.model import load_model
@@ -144,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_predictions(y_test, scorer.predict(X_test), out / "pred_vs_true.png")
     summary |= {"scorer_dir": str(out / "scorer"), "plot": str(out / "pred_vs_true.png"), "data": str(args.data)}
     io.atomic_write_json(out / "metrics.json", summary)
+    if args.tracking_uri:
+        summary["mlflow_run_id"] = _log_to_mlflow(args, summary, out)
     print(_report(summary))
     if args.json:
         print(json.dumps(summary))

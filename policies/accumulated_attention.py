@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvzap_lab.policy import TopK, register_policy
+from kvzap_lab.policy import Scorer, TopK, register_policy
 
 
 @register_policy("accumulated_attention")
 @dataclass
-class AccumulatedAttentionScorer:
+class AccumulatedAttentionScorer(Scorer):
     """Initial scores ``[b, kv_heads, t]`` of zeros; the engine accumulates attention on top."""
 
     accumulates_attention = True

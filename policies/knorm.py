@@ -6,15 +6,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kvzap_lab.policy import TopK, register_policy
+from kvzap_lab.policy import Scorer, TopK, register_policy
 
 
 @register_policy("knorm")
 @dataclass
-class KNormScorer:
+class KNormScorer(Scorer):
     """Scores ``[b, kv_heads, t]`` = -||k|| of each post-RoPE key."""
 
-    accumulates_attention = False
     default_rule = TopK()
 
     def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:

@@ -3,7 +3,8 @@
 The fitted maps are kvpress's ``KVzapModel`` modules exactly (``nn.Linear`` per layer, or Linear-GELU-Linear for
 KVzap-MLP), so a checkpoint predicts the same in kvpress (:mod:`kvzap_lab.checkpoint`). :class:`KVzapLinear` also
 holds the network machinery that KVzap-MLP reuses: ``weights_`` is a list of ``(W [layers, out, in],
-b [layers, out])``, GELU between them (the eviction engine's fused scoring reads it).
+b [layers, out])``, GELU between them; :meth:`KVzapLinear.fused_weights` hands one or two maps to the eviction
+engine's fused scoring.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class KVzapLinear(TrainableScorer):
             x = F.gelu(x) if i else x
             x = x @ W[layer].T + b[layer]
         return x
+
+    def fused_weights(self) -> list[tuple[Tensor, Tensor]] | None:
+        """``weights_`` for the fused KVzap kernel: one map (linear) or two (MLP of depth 1); None for deeper MLPs."""
+        self._check_fitted()
+        return self.weights_ if len(self.weights_) <= 2 else None
 
     def flops_per_token(self) -> int:
         """FLOPs (a multiply-add counts 2) to score one token in every layer."""

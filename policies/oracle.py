@@ -12,16 +12,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kvzap_lab.policy import Threshold, register_policy
+from kvzap_lab.policy import OracleTableScorer, Threshold, register_policy
 
 
 @register_policy("oracle", "kvzip_plus")
 @dataclass
-class OracleScorer:
+class OracleScorer(OracleTableScorer):
     """Returns ``scores[b, layer, :, positions]`` from a ``[b, layers, kv_heads, n_positions]`` table."""
 
     missing: float = math.inf
-    accumulates_attention = False
     default_rule = Threshold(tau=-6.0)
     _table: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 

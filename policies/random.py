@@ -7,16 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kvzap_lab.policy import TopK, register_policy
+from kvzap_lab.policy import Scorer, TopK, register_policy
 
 
 @register_policy("random")
 @dataclass
-class RandomScorer:
+class RandomScorer(Scorer):
     """Scores ``[b, kv_heads, t]`` drawn from N(0, 1); the same ``seed`` gives the same sequence of calls."""
 
     seed: int = 0
-    accumulates_attention = False
     default_rule = TopK()
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 

@@ -11,15 +11,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kvzap_lab.policy import TopK, register_policy
+from kvzap_lab.policy import Scorer, TopK, register_policy
 
 
 @register_policy("streaming_llm")
 @dataclass
-class StreamingLLMScorer:
+class StreamingLLMScorer(Scorer):
     """Scores ``[b, kv_heads, t]`` = absolute position of each new token."""
 
-    accumulates_attention = False
     default_rule = TopK(budget=0)
 
     def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:

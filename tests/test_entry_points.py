@@ -44,7 +44,7 @@ def installed_package(tmp_path, monkeypatch):
 def test_an_installed_entry_point_is_listed_and_built(installed_package):
     assert "value_norm_ep" in list_policies()
     policy = get_policy("value_norm_ep")
-    assert type(policy.scorer).__module__ == "my_lab_policies"
+    assert type(policy.scorer.wrapped).__module__ == "my_lab_policies"  # a plain class: adapted (ScorerAdapter)
     values = torch.ones(1, 2, 3, 4)
     torch.testing.assert_close(policy.scorer.score(None, 0, values=values), torch.full((1, 2, 3), 2.0))
 

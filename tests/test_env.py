@@ -11,7 +11,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import kvzap_lab  # noqa: F401  registers the env ids
-from kvzap_lab import evaluate, tasks
+from kvzap_lab import evaluate, oracle, tasks
 from kvzap_lab.engine import DEFAULT_EVICT_EVERY
 from kvzap_lab.envs import KVEvictionEnv, KVEvictionVectorEnv, PolicyAgent, text_window_samples
 from kvzap_lab.model import load_model
@@ -145,7 +145,7 @@ def test_policy_agent_matches_evaluate(testbed, samples):
     end = tokenizer.convert_tokens_to_ids(tasks.END)
     for name, tau in (("oracle", -6.0), ("knorm", -5.0)):
         policy = get_policy(name, rule=Threshold(tau=tau, window=WINDOW, sinks=4))
-        tables = [evaluate.oracle_table(model, tokenizer, b) for b in evaluate.batches(samples, 1)] if name == "oracle" else None
+        tables = [oracle.oracle_table(model, tokenizer, b) for b in evaluate.batches(samples, 1)] if name == "oracle" else None
         expected = evaluate.run_cell(model, policy, samples, end, 1, CHUNK, tables)
         env = KVEvictionEnv(model, tokenizer, samples=samples, policy=policy, decoding="greedy", chunk_size=CHUNK,
                             evict_every=DEFAULT_EVICT_EVERY)

@@ -13,7 +13,7 @@ import torch
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import DEFAULT_CHUNK, evicting, left_pad
-from kvzap_lab.evaluate import oracle_table
+from kvzap_lab.oracle import oracle_table
 from kvzap_lab.model import load_model
 from kvzap_lab.policy import Threshold, get_policy
 

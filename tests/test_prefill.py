@@ -7,7 +7,7 @@ import torch
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import generate, prefill
-from kvzap_lab.evaluate import oracle_table
+from kvzap_lab.oracle import oracle_table
 from kvzap_lab.model import describe, load_model, random_tiny_model
 from kvzap_lab.policy import Policy, Threshold, TopK, get_policy
 
