@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from kvzap_lab import data, oracle
-from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, load_model
+from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, load_model, model_name
 
 
 @dataclass
@@ -263,8 +263,7 @@ def _open_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
 def _run(args) -> dict:
     """Load the model, build the contexts and settings from parsed CLI arguments, and collect."""
     model, tokenizer = load_model(args.model, device=args.device)
-    model_name = "testbed" if args.model == "testbed" else Path(args.model).name
-    out = args.out or Path("results/data") / model_name
+    out = args.out or Path("results/data") / model_name(args.model)
     if args.text_files:
         prefix = list(oracle.repeat_template(tokenizer).prefix)
         contexts = text_contexts(tokenizer, args.text_files, args.n_sequences, args.context_tokens, args.seed, prefix)
@@ -276,7 +275,7 @@ def _run(args) -> dict:
         contexts = task_contexts(tokenizer, names, args.n_sequences, args.context_tokens, args.seed)
         source = {"kind": "tasks", "tasks": names}
     settings = {
-        "model_name": model_name,
+        "model_name": model_name(args.model),
         "source": dict(source, context_tokens=args.context_tokens),
         "seed": args.seed,
         "test_fraction": args.test_fraction,

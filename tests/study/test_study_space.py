@@ -17,7 +17,7 @@ from kvzap_lab.studies import rule
 from kvzap_lab.studies.space import Choice, Float, Int, SpaceError, check_space, contains, override, suggest
 from kvzap_lab.study import StudyConfig, StudyError, cli, storage
 from kvzap_lab.study.bench import default_data_dir
-from kvzap_lab.study.config import CALIBRATED_EVICTION
+from kvzap_lab.study.config import CALIBRATED_EVICTION, OTHER_PROFILE, PROFILE_FIELDS, PROFILES, profile_for
 from kvzap_lab.study.search import SearchSpace, build_space, start_points, trainable_factory
 
 
@@ -132,7 +132,7 @@ def test_config_checks_its_values_and_round_trips_through_the_command_line():
     assert StudyConfig(policy="mlp").to_argv() == ["--policy", "mlp"]
     assert StudyConfig(policy="mlp").identity("kvzap_mlp", "f" * 16) == {
         "policy": "kvzap_mlp", "model": "f" * 16, "tasks": ["single_needle", "multi_key_needle"], "context_tokens": 512,
-        "samples_per_task": 24, "eval_seed": 10_000, "objectives": "pareto"}
+        "samples_per_task": 24, "chunk_size": 128, "batch_size": 128, "eval_seed": 10_000, "objectives": "pareto"}
     bad = [
         ({"sampler": "cmaes"}, "--sampler cmaes optimises one objective; --objectives pareto has 2: use --sampler tpe, nsga2, random"),
         ({"sampler": "grid"}, "sampler must be one of tpe, nsga2, random, cmaes"),
@@ -147,6 +147,22 @@ def test_config_checks_its_values_and_round_trips_through_the_command_line():
             StudyConfig(policy="mlp", **change)
     for sampler in ("tpe", "nsga2", "random"):  # several objectives
         StudyConfig(policy="mlp", sampler=sampler)
+
+
+def test_the_model_profile_gives_the_defaults_and_flags_override_them():
+    smol, profile = StudyConfig(policy="mlp", model="smollm2-135m"), PROFILES["smollm2-135m"]
+    assert [getattr(smol, name) for name in PROFILE_FIELDS] == [getattr(profile, name) for name in PROFILE_FIELDS]
+    assert smol.chunk_size == 0 and smol.n_trials < StudyConfig(policy="mlp").n_trials  # shared prefills, few trials
+    assert profile_for("testbed") == ("testbed", PROFILES["testbed"]) and profile_for("runs/model") == ("other", OTHER_PROFILE)
+    override = StudyConfig(policy="mlp", model="smollm2-135m", n_trials=3, chunk_size=128)
+    assert (override.n_trials, override.chunk_size, override.batch_size) == (3, 128, profile.batch_size)
+    # the workers get the overrides only: they resolve the same profile
+    assert override.to_argv() == ["--policy", "mlp", "--n-trials", "3", "--model", "smollm2-135m", "--chunk-size", "128"]
+    assert cli.config_from_args(cli.parser().parse_args(override.to_argv())) == override
+    assert f"smollm2-135m {profile.n_trials}" in " ".join(cli.parser().format_help().split())  # --help names them
+    assert "one chunk, prefilled once per batch and shared by every trial" in profile.describe("smollm2-135m")
+    with pytest.raises(StudyError, match="chunk_size must be >= 0"):
+        StudyConfig(policy="mlp", chunk_size=-1)
 
 
 def test_creation_queues_the_start_points_once_and_completes_a_killed_creator():
