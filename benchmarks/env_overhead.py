@@ -27,7 +27,7 @@ import torch
 
 from kvzap_lab import tasks
 from kvzap_lab.engine import evicting
-from kvzap_lab.envs.kv_eviction import KVEvictionEnv, KVEvictionVectorEnv, PolicyAgent, ReferenceCache
+from kvzap_lab.envs import KVEvictionEnv, KVEvictionVectorEnv, PolicyAgent, ReferenceCache
 from kvzap_lab.model import load_model
 from kvzap_lab.policy import Threshold, get_policy
 

@@ -254,7 +254,7 @@ def check_env(device, dry: bool) -> dict:
     import gymnasium as gym
     import numpy as np
 
-    from kvzap_lab.envs.kv_eviction import PolicyAgent
+    from kvzap_lab.envs import PolicyAgent
     from kvzap_lab.policy import Threshold, get_policy
 
     n_samples, context = (1, 64) if dry else (4, 512)
@@ -263,7 +263,7 @@ def check_env(device, dry: bool) -> dict:
     for where in (device, torch.device("cpu")):
         env = gym.make("kvzap_lab/KVEviction-v0", model="testbed", task="single_needle", n_samples=n_samples,
                        context_tokens=context, policy=policy, chunk_size=128, device=str(where))
-        on = next(env.unwrapped.setup.model.parameters()).device
+        on = next(env.unwrapped.config.model.parameters()).device
         if on.type != where.type:
             raise RuntimeError(f"env asked for {where} runs on {on}")
         agent, rows = PolicyAgent(policy), []

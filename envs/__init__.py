@@ -7,11 +7,17 @@ and the model code, is imported by ``gymnasium.make`` through the string entry p
 - ``kvzap_lab/KVEvictionThreshold-v0``: thresholds per layer and KV head applied to a scorer's scores.
 
 Both have a native batched vector env: ``gymnasium.make_vec(id, num_envs=N, vectorization_mode="vector_entry_point")``.
+The public classes are importable from here (loaded on first use): ``KVEvictionEnv``, ``KVEvictionVectorEnv``,
+``PolicyAgent``, ``ReferenceCache``, ``text_window_samples``. Modules: ``kv_eviction`` (the env), ``vector``,
+``rollout`` (episodes over the engine), ``references``, ``config`` (options), ``agent``.
 """
+
+import importlib
 
 from gymnasium.envs.registration import register, registry
 
 _MODULE = "kvzap_lab.envs.kv_eviction"
+_VECTOR = "kvzap_lab.envs.vector"
 ENV_IDS = ("kvzap_lab/KVEviction-v0", "kvzap_lab/KVEvictionThreshold-v0")
 
 
@@ -22,9 +28,23 @@ def register_envs() -> None:
             register(
                 id=env_id,
                 entry_point=f"{_MODULE}:KVEvictionEnv",
-                vector_entry_point=f"{_MODULE}:make_vector_env",
+                vector_entry_point=f"{_VECTOR}:make_vector_env",
                 kwargs={"action_type": action_type},
             )
 
 
 register_envs()
+
+_EXPORTS = {
+    "KVEvictionEnv": "kv_eviction",
+    "KVEvictionVectorEnv": "vector",
+    "PolicyAgent": "agent",
+    "ReferenceCache": "references",
+    "text_window_samples": "references",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

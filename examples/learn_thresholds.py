@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvzap_lab import collect, oracle
-from kvzap_lab.envs.kv_eviction import KVEvictionVectorEnv
+from kvzap_lab.envs import KVEvictionVectorEnv
 from kvzap_lab.model import MODEL_HELP, fingerprint, load_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import Policy, Threshold

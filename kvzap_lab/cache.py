@@ -72,6 +72,12 @@ def _kept_rows(t: Tensor, rows: Tensor, room: int) -> Tensor:
     return out
 
 
+def outside_window(last_positions: Tensor, window: int) -> Tensor:
+    """The newest position outside the sliding window of each row: ``[b]`` (the row's newest token, at
+    ``last_positions [b]``, always counts as recent)."""
+    return last_positions - max(window, 1)
+
+
 class CompactLayer(CacheLayerMixin):
     """One layer of a :class:`CompactCache` (layout in the module docstring).
 
@@ -185,8 +191,7 @@ class CompactLayer(CacheLayerMixin):
         ``last_positions [b]``, always counts as recent).
         """
         pos = self.positions[:, :, : self.used]
-        newest_old = (last_positions - max(window, 1))[:, None, None]
-        return self.alive[:, :, : self.used] & (pos <= newest_old) & (pos >= sinks)
+        return self.alive[:, :, : self.used] & (pos <= outside_window(last_positions, window)[:, None, None]) & (pos >= sinks)
 
     def drop(self, evict: Tensor) -> None:
         """Mark the slots in ``evict [b, kv_heads, used]`` as free (they leave at the next :meth:`compact`)."""

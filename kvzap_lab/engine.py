@@ -26,12 +26,19 @@ arrive before the next one, so decode appends do not grow the storage.
 Attention is exact: each query sees the held pairs of its KV head at positions ``<=`` its own (and inside the
 layer's sliding window, if any). New tokens get their true positions: each row counts its real tokens, so left
 padding is ignored, as in ``model.generate``. ``policy=None`` runs the same engine as a full cache.
+
+Two more ways in: decisions from outside (``evicting(..., offer=Offer(window, sinks))``: at each eviction point
+``run.pending()`` describes the pairs that just left the window and ``run.decide(keep)`` evicts the others; the
+envs are built on it), and :func:`prefill` once / :meth:`Prefill.branch` per policy (evaluation of many policies
+on the same prompts with a one-chunk prefill). A run's hooks stay on the model while it is attached
+(:meth:`EvictionRun.attach`); :func:`release` makes the model plain again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -40,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
-from kvzap_lab.cache import CompactCache, Compression
+from kvzap_lab.cache import CompactCache, Compression, outside_window
 from kvzap_lab.kernels import ScorerWeights, score_and_threshold, uses_triton
 from kvzap_lab.model import UnsupportedModelError, attention_override, capture_attention_inputs, describe
 from kvzap_lab.policy import Policy
@@ -91,14 +98,99 @@ def stacked_weights(fused: list[ScorerWeights] | None) -> tuple[Tensor, ...] | N
     return stacked
 
 
+@dataclass(frozen=True)
+class Offer:
+    """Keep/evict decisions from outside the engine (an agent, an env), in place of a rule's.
+
+    Pass ``offer=Offer(window, sinks)`` to :func:`evicting`. At each eviction point the pairs that left the window
+    since the previous one (not sinks) are offered once: ``run.pending()`` describes them and ``run.decide(keep)``
+    evicts the others, before the next forward. A kept pair stays (DMS/KVzap semantics: a pair is judged when it
+    leaves the window). ``hidden=True`` keeps the hidden states of the tokens until they are offered
+    (:attr:`Pending.hidden`).
+    """
+
+    window: int
+    sinks: int
+    hidden: bool = False
+
+
+@dataclass
+class Pending:
+    """The pairs offered at the last eviction point (:meth:`EvictionRun.pending`), awaiting ``run.decide(keep)``.
+
+    Row ``i`` offers the token positions ``start[i] .. start[i] + count[i] - 1``, in every layer and KV head (the
+    pairs that left the window since the previous eviction point); ``C = count.max()``. ``L`` layers, ``H`` KV heads,
+    ``D`` hidden size:
+
+    - ``start``, ``count`` ``[b]`` long; ``positions [b, C]`` long (-1 beyond ``count``);
+    - ``mask [b, L, H, C]`` bool: offered (the first ``count[i]`` columns of row ``i``, in every layer and head);
+    - ``scores [b, L, H, C]`` float32: the policy scorer's stored scores (NaN where ``mask`` is False), or ``None``
+      without a scorer;
+    - ``hidden [b, L, C, D]``: the hidden state entering each attention layer at each offered token (zeros beyond
+      ``count``), with ``Offer(hidden=True)``; else ``None``.
+    """
+
+    start: Tensor
+    count: Tensor
+    positions: Tensor
+    mask: Tensor
+    scores: Tensor | None
+    hidden: Tensor | None
+
+
+class _HiddenWindow:
+    """Hidden states ``[L, b * R, D]`` of each row's recent tokens, row ``r``'s position ``p`` at ``r * R + p % R``
+    (``R`` grows on demand): what :attr:`Pending.hidden` reads when the tokens are offered."""
+
+    def __init__(self):
+        self.ring: Tensor | None = None
+        self.size = 0  # R
+        self._rows: Tensor | None = None  # [b, 1]: each row's first slot
+
+    def _slots(self, positions: Tensor) -> Tensor:
+        if self._rows is None or self._rows.shape[0] != positions.shape[0]:
+            self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None] * self.size
+        return self._rows + positions % self.size  # [b, n]
+
+    def write(self, hidden: Tensor, positions: Tensor, valid: Tensor | None, oldest: Tensor) -> None:
+        """Store ``hidden [L, b, q, D]`` at ``positions [b, q]`` (real tokens only); positions from ``oldest [b]`` on
+        must stay readable."""
+        n_layers, b, q, d = hidden.shape
+        need = int((positions[:, -1] - oldest).max()) + 1
+        if self.ring is None or need > self.size:
+            old, old_size = self.ring, self.size
+            self.size, self._rows = 1 << max(need - 1, 1).bit_length(), None
+            self.ring = hidden.new_zeros(n_layers, b * self.size, d)
+            if old is not None:  # move the readable positions to their new slots
+                keep = oldest[:, None] + torch.arange(old_size, device=oldest.device)  # [b, old_size]
+                rows = torch.arange(b, device=oldest.device)[:, None]
+                self.ring.index_copy_(1, self._slots(keep).flatten(), old.index_select(1, (rows * old_size + keep % old_size).flatten()))
+        slots = self._slots(positions)
+        if valid is None:
+            self.ring.index_copy_(1, slots.flatten(), hidden.reshape(n_layers, b * q, d))
+        else:
+            self.ring.index_copy_(1, slots[valid], hidden[:, valid])
+
+    def read(self, positions: Tensor) -> Tensor:
+        """Hidden states ``[b, L, C, D]`` at ``positions [b, C]`` (zeros where a position is -1)."""
+        b, n = positions.shape
+        out = self.ring.index_select(1, self._slots(positions.clamp_min(0)).flatten()).view(-1, b, n, self.ring.shape[2])
+        return out.masked_fill((positions < 0)[None, :, :, None], 0.0).transpose(0, 1)
+
+
 @dataclass
 class EvictionRun:
-    """What ``with evicting(model, policy) as run`` yields: ``run.cache`` is the cache of the latest forward."""
+    """What ``with evicting(model, policy) as run`` yields: ``run.cache`` is the cache of the latest forward.
+
+    The run's state (cache, counters, offers) lives here, its hooks on the model only while it is attached
+    (:meth:`attach`, :meth:`detach`): several runs can share one model by attaching in turn.
+    """
 
     model: nn.Module
     policy: Policy | None
     evict_every: int
     compact_every: int
+    offer: Offer | None = None
     cache: CompactCache | None = None
     # per-layer weights of a KVzap linear/MLP scorer, scored by the fused kernel (Triton on CUDA) instead of score()
     fused: list[ScorerWeights] | None = None
@@ -108,10 +200,102 @@ class EvictionRun:
     _pending: dict[int, list[Tensor]] = field(default_factory=dict, repr=False)
     _since_evict: int = field(default=0, repr=False)
     _since_compact: int = field(default=0, repr=False)
+    # with an offer: the first position of each row not offered yet [b], the offer awaiting decide() and where its
+    # pairs sit in every layer's slots (candidate index [b, H, used], C elsewhere), the compaction due after it
+    _next_offer: Tensor | None = field(default=None, repr=False)
+    _offered: Pending | None = field(default=None, repr=False)
+    _slots: list[Tensor] = field(default_factory=list, repr=False)
+    _compact_after: int | None = field(default=None, repr=False)
+    _window: _HiddenWindow = field(default_factory=_HiddenWindow, repr=False)
+    _captured: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    _hooks: contextlib.ExitStack | None = field(default=None, repr=False)
 
     def new_cache(self) -> CompactCache:
         """A fresh, empty :class:`CompactCache` for this model."""
         return CompactCache(describe(self.model).n_layers)
+
+    @property
+    def deciding(self) -> bool:
+        """Whether this run has eviction points (a policy, or decisions from outside)."""
+        return self.policy is not None or self.offer is not None
+
+    def attach(self) -> None:
+        """Put this run's hooks on its model (nothing to do if they are there). A run of another caller attached to
+        the same model is detached first; its state stays, and it goes on after its own ``attach()``."""
+        if _ATTACHED.get(self.model) is self:
+            return
+        release(self.model)
+        stack = contextlib.ExitStack()
+        if self.policy is not None or (self.offer is not None and self.offer.hidden):
+            self._captured = stack.enter_context(capture_attention_inputs(self.model))
+        stack.enter_context(attention_override(self.model, _attend(self)))
+        decoder = self.model.model
+        # ``m is decoder``: a deep copy of the model carries these hooks too, and must compute plainly
+        handles = [
+            decoder.register_forward_pre_hook(lambda m, a, k: _begin_forward(self, a, k) if m is decoder else None, with_kwargs=True),
+            decoder.register_forward_hook(lambda m, a, k, out: _end_forward(self) if m is decoder else None, with_kwargs=True),
+        ]
+        stack.callback(lambda: [h.remove() for h in handles])
+        self._hooks = stack
+        _ATTACHED[self.model] = self
+
+    def detach(self) -> None:
+        """Remove this run's hooks from its model (the model is plain again); the run's state stays."""
+        if self._hooks is not None:
+            hooks, self._hooks = self._hooks, None
+            if _ATTACHED.get(self.model) is self:
+                del _ATTACHED[self.model]
+            hooks.close()
+
+    def pending(self) -> Pending | None:
+        """The pairs offered at the last forward's eviction point, awaiting :meth:`decide`; ``None`` when that forward
+        was no eviction point or nothing left the window (a run with an :class:`Offer` only)."""
+        if self.offer is None:
+            raise RuntimeError("run.pending() needs decisions from outside: evicting(model, policy, offer=Offer(window, sinks))")
+        return self._offered
+
+    @torch.no_grad()
+    def decide(self, keep: Tensor) -> None:
+        """Keep the offered pairs where ``keep [b, L, H, C]`` (bool, or 0/1) is True, evict the others (entries outside
+        ``pending().mask`` are ignored); then compact if one was due. Needed before the next forward."""
+        offered = self._offered
+        if offered is None:
+            raise RuntimeError("nothing is pending: call decide() only when run.pending() returned an offer")
+        keep = torch.as_tensor(keep, device=offered.mask.device)
+        if keep.shape != offered.mask.shape:
+            raise ValueError(f"keep must have the shape of pending().mask {tuple(offered.mask.shape)} [b, L, H, C]; got {tuple(keep.shape)}")
+        drop = ~keep.bool()
+        evicting = (drop & offered.mask).any((0, 2, 3)).tolist()  # per layer
+        evict = torch.cat([drop, drop.new_zeros(*drop.shape[:3], 1)], -1)  # index C: not offered
+        for layer, index, flags, any_evicted in zip(self.cache.layers, self._slots, evict.unbind(1), evicting):
+            if any_evicted:  # columns beyond a row's count map to no slot: never read
+                layer.drop(flags.gather(2, index))
+        self._offered, self._slots = None, []
+        self._compact()
+
+    def restart_row(self, row: int) -> None:
+        """Start a new sequence in batch row ``row`` of the cache (its pairs die; its positions and offers restart)."""
+        if self._offered is not None and self._offered.count[row] > 0:
+            raise RuntimeError(f"row {row} has offered pairs awaiting decide(): decide them before restarting the row")
+        self.cache.restart_row(row)
+        if self._next_offer is not None:
+            self._next_offer[row] = self.offer.sinks
+
+    def _compact(self) -> None:
+        if self._compact_after is not None:
+            self.cache.compact(headroom=self._compact_after)  # the decode steps until the next compaction need no growth
+            self._since_compact, self._compact_after = 0, None
+
+
+# model -> the run whose hooks it carries
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def release(model: nn.Module) -> None:
+    """Detach whichever run is attached to ``model`` (its state stays): the model computes plainly again."""
+    run = _ATTACHED.get(model)
+    if run is not None:
+        run.detach()
 
 
 def _new_tokens(args: tuple, kwargs: dict) -> Tensor:
@@ -134,6 +318,14 @@ def _begin_forward(run: EvictionRun, args: tuple, kwargs: dict) -> tuple[tuple, 
         )
     if run.cache is not None and cache is not run.cache and run._pending:
         raise RuntimeError("evicting() serves one cache at a time: finish (or discard) one generation before the next")
+    if run._offered is not None:
+        raise RuntimeError(
+            "pairs offered at the last eviction point await run.decide(keep): decide them before the next forward "
+            "(a plain forward of a model an env is using? kvzap_lab.engine.release(model) first)"
+        )
+    if run.offer is not None and (cache is not run.cache or run._next_offer is None):  # a new sequence: nothing offered
+        run._next_offer = torch.full((b,), run.offer.sinks, dtype=torch.long, device=tokens.device)
+        run._window = _HiddenWindow()
     mask = kwargs.get("attention_mask")
     if mask is None:
         valid = None
@@ -189,13 +381,15 @@ def _score_all_pending(run: EvictionRun) -> None:
         layer.scores[:, :, layer.used - t : layer.used] = new
 
 
-def _attend(run: EvictionRun, hidden: dict[int, Tensor]):
+def _attend(run: EvictionRun):
     """The attention override: exact attention over the compacted cache; buffers the new tokens for scoring."""
     scorer = None if run.policy is None else run.policy.scorer
     accumulates = bool(getattr(scorer, "accumulates_attention", False))
 
     def attend(module, query, key, value, attention_mask, base, **kwargs):
         cache, idx = run.cache, module.layer_idx
+        if cache is None or cache.step is None:  # a deep copy of the model, which carries the hooks: plain attention
+            return base(module, query, key, value, attention_mask, **kwargs)
         layer = cache.layers[idx]
         b, n_heads, q, d = query.shape
         kv_heads, n = key.shape[1], key.shape[2]
@@ -206,7 +400,7 @@ def _attend(run: EvictionRun, hidden: dict[int, Tensor]):
         grouped = query.reshape(b, kv_heads, group * q, d)
         scale = kwargs.get("scaling")
         if scorer is not None:
-            run._pending.setdefault(idx, []).append(hidden[idx])
+            run._pending.setdefault(idx, []).append(run._captured[idx])
         if accumulates:  # scores must exist before this step's attention mass is added to them
             _score_pending(run, idx)
             logits = grouped @ key.transpose(-1, -2) * (scale if scale is not None else d**-0.5)
@@ -222,31 +416,100 @@ def _attend(run: EvictionRun, hidden: dict[int, Tensor]):
 
 def _end_forward(run: EvictionRun) -> None:
     """Forward hook of the decoder: at eviction points (every multi-token forward, every ``evict_every`` decode
-    steps) score the buffered tokens, offer the pairs that left the window to the rule, evict; maybe compact."""
-    cache, policy = run.cache, run.policy
+    steps) score the buffered tokens, then let the rule decide the pairs that left the window and evict (or offer
+    the new ones for :meth:`EvictionRun.decide`); compact when due."""
+    cache = run.cache
     step = cache.step
     multi_token = step.positions.shape[1] > 1
     run._since_evict += 1
     run._since_compact += 1
-    if policy is not None and (multi_token or run._since_evict >= run.evict_every):
-        rule = policy.rule
+    if run.offer is not None and run.offer.hidden:
+        hidden = torch.stack([run._captured[idx] for idx in range(len(cache.layers))])  # [L, b, q, D]
+        run._window.write(hidden, step.positions, step.valid, run._next_offer)
+    if run.deciding and (multi_token or run._since_evict >= run.evict_every):
         last = step.positions[:, -1]
         if run.stacked is not None and run._pending:
             _score_all_pending(run)
-        for idx, layer in enumerate(cache.layers):
-            if idx in run._pending:
-                _score_pending(run, idx)
-            candidates = layer.evictable(last, rule.window, rule.sinks)
-            keep = rule.keep(layer.scores[:, :, : layer.used], idx, candidates)
-            if keep is not candidates:  # a rule that keeps every candidate may return them as they are
-                layer.drop(candidates & ~keep)
+        for idx in list(run._pending):
+            _score_pending(run, idx)
         run._since_evict = 0
         # Short sequences compact sooner, so that the evicted pairs waiting for it stay a small part of the cache.
         interval = min(run.compact_every, max(1, cache.seen // 16))
-        if multi_token or run._since_compact >= interval:
-            cache.compact(headroom=interval)  # the decode steps until the next compaction need no growth
-            run._since_compact = 0
+        run._compact_after = interval if multi_token or run._since_compact >= interval else None
+        if run.offer is not None:
+            _offer(run, last)
+        else:
+            rule = run.policy.rule
+            for idx, layer in enumerate(cache.layers):
+                candidates = layer.evictable(last, rule.window, rule.sinks)
+                keep = rule.keep(layer.scores[:, :, : layer.used], idx, candidates)
+                if keep is not candidates:  # a rule that keeps every candidate may return them as they are
+                    layer.drop(candidates & ~keep)
+        if run._offered is None:
+            run._compact()
     cache.end_step()
+
+
+def _offer(run: EvictionRun, last: Tensor) -> None:
+    """Offer the pairs that left the window since the last offer (positions from each row's first one not offered
+    yet to :func:`~kvzap_lab.cache.outside_window`, as ``CompactLayer.evictable``): set ``run._offered`` (``None`` if
+    there are none) and where they sit in the slots.
+
+    A row holds every position up to its newest token, and a pair not offered yet is held in every layer and KV
+    head (nothing else evicts it): the offered positions of a row are ``first .. newest`` everywhere."""
+    cache, first = run.cache, run._next_offer
+    newest = outside_window(last, run.offer.window)  # [b]
+    count = (newest - first + 1).clamp_min(0)
+    n = int(count.max())
+    if n == 0:
+        run._offered = None
+        return
+    b, h = cache.layers[0].alive.shape[:2]
+    n_layers = len(cache.layers)
+    columns = torch.arange(n, device=first.device)
+    held = columns < count[:, None]  # [b, C]
+    positions = torch.where(held, first[:, None] + columns, -1)
+    scores = None if run.policy is None else cache.layers[0].scores.new_full((b, n_layers, h, n + 1), math.nan)
+    run._slots = []
+    for idx, layer in enumerate(cache.layers):
+        index = layer.positions[:, :, : layer.used] - first[:, None, None]
+        offered = layer.alive[:, :, : layer.used] & (index >= 0) & (index < count[:, None, None])
+        index = index.masked_fill_(~offered, n)  # C: not offered
+        run._slots.append(index)
+        if scores is not None:
+            scores[:, idx].scatter_(2, index, layer.scores[:, :, : layer.used])
+    run._next_offer = torch.maximum(first, newest + 1)
+    mask = held[:, None, None, :].expand(b, n_layers, h, n)
+    hidden = run._window.read(positions) if run.offer.hidden else None
+    run._offered = Pending(first, count, positions, mask, None if scores is None else scores[..., :n], hidden)
+
+
+def eviction_run(
+    model: nn.Module,
+    policy: Policy | None,
+    *,
+    evict_every: int = DEFAULT_EVICT_EVERY,
+    compact_every: int = DEFAULT_COMPACT_EVERY,
+    offer: Offer | None = None,
+) -> EvictionRun:
+    """A detached :class:`EvictionRun` (arguments as for :func:`evicting`): ``run.attach()`` before its forwards.
+    For callers that keep a run across steps and share the model with other runs (the envs)."""
+    describe(model)  # raises UnsupportedModelError for an unsupported architecture
+    check_policy(model, policy)
+    for name, value in (("evict_every", evict_every), ("compact_every", compact_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1 (decode steps); got {value!r}")
+    if offer is not None:
+        for name in ("window", "sinks"):
+            value = getattr(offer, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"offer.{name} must be an int >= 0; got {value!r}")
+            if policy is not None and getattr(policy.rule, name) != value:
+                raise ValueError(f"offer.{name}={value} differs from the policy's rule ({name}={getattr(policy.rule, name)})")
+    run = EvictionRun(model=model, policy=policy, evict_every=evict_every, compact_every=compact_every, offer=offer)
+    run.fused = fused_weights(model, policy)
+    run.stacked = stacked_weights(run.fused)
+    return run
 
 
 @contextlib.contextmanager
@@ -256,6 +519,7 @@ def evicting(
     *,
     evict_every: int = DEFAULT_EVICT_EVERY,
     compact_every: int = DEFAULT_COMPACT_EVERY,
+    offer: Offer | None = None,
 ) -> Iterator[EvictionRun]:
     """Run ``model`` with real KV eviction by ``policy`` inside the block (``None``: full cache, same engine).
 
@@ -265,28 +529,28 @@ def evicting(
     evicted pairs waiting for it stay under ~6 % of a full cache) and after every multi-token forward, leaving
     room for the tokens that come before the next compaction.
 
+    With ``offer`` (an :class:`Offer`), decisions come from outside instead of ``policy.rule``: each pair is
+    offered once, when it leaves the window, through ``run.pending()`` / ``run.decide(keep)`` between forwards;
+    ``policy`` (optional; its rule's window and sinks must be the offer's) scores the offered pairs.
+
     Forward calls get a :class:`CompactCache` (a new one when they pass none or an empty one); a 2-D
     ``attention_mask`` must cover past and new tokens, left padding marked 0. Yields an :class:`EvictionRun`
     whose ``cache`` gives ``compression()`` and ``bytes_held()``. Restores the model on exit.
+
+    Example::
+
+        with evicting(model, None, offer=Offer(window=32, sinks=4)) as run:
+            cache = run.new_cache()
+            model(ids[:, :64], cache=cache)
+            if (offer := run.pending()) is not None:
+                run.decide(offer.mask & (offer.positions % 2 == 0)[:, None, None])  # keep even positions
     """
-    describe(model)  # raises UnsupportedModelError for an unsupported architecture
-    check_policy(model, policy)
-    for name, value in (("evict_every", evict_every), ("compact_every", compact_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1 (decode steps); got {value!r}")
-    run = EvictionRun(model=model, policy=policy, evict_every=evict_every, compact_every=compact_every)
-    run.fused = fused_weights(model, policy)
-    run.stacked = stacked_weights(run.fused)
-    decoder = model.model
-    with contextlib.ExitStack() as stack:
-        hidden = stack.enter_context(capture_attention_inputs(model)) if policy is not None else {}
-        stack.enter_context(attention_override(model, _attend(run, hidden)))
-        handles = [
-            decoder.register_forward_pre_hook(lambda m, a, k: _begin_forward(run, a, k), with_kwargs=True),
-            decoder.register_forward_hook(lambda m, a, k, out: _end_forward(run), with_kwargs=True),
-        ]
-        stack.callback(lambda: [h.remove() for h in handles])
+    run = eviction_run(model, policy, evict_every=evict_every, compact_every=compact_every, offer=offer)
+    run.attach()
+    try:
         yield run
+    finally:
+        run.detach()
 
 
 @dataclass

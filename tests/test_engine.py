@@ -8,8 +8,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kvzap_lab.engine import evicting, generate, left_pad
-from kvzap_lab.model import SUPPORTED_ARCHITECTURES, UnsupportedModelError, attention_override, describe, random_tiny_model
+from kvzap_lab.engine import Offer, eviction_run, evicting, generate, left_pad, release
+from kvzap_lab.model import (
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedModelError,
+    attention_override,
+    capture_attention_inputs,
+    describe,
+    random_tiny_model,
+)
 from kvzap_lab.policy import Policy, Threshold, TopK
 
 WINDOW, SINKS, CHUNK = 8, 2, 16
@@ -333,3 +340,124 @@ def test_on_cpu_one_batched_matmul_scores_every_layer_as_the_per_layer_scorer_do
         held = fused.alive[:, :, : fused.used]
         assert torch.equal(held, plain.alive[:, :, : plain.used]) and 0 < held.sum() < held.numel()
         torch.testing.assert_close(fused.scores[:, :, : fused.used][held], plain.scores[:, :, : plain.used][held], atol=1e-5, rtol=1e-5)
+
+
+def run_with_offers(model, policy, ids, mask, decode_tokens, evict_every, decide, hidden=False):
+    """Chunked prefill and decode steps with decisions from outside: ``decide(pending) -> keep`` at every offer.
+    Returns (logits of every forward, offers seen, cache)."""
+    rule = policy.rule if policy is not None else Threshold(window=WINDOW, sinks=SINKS)
+    offer = Offer(window=rule.window, sinks=rule.sinks, hidden=hidden)
+    logits, offers = [], []
+    with evicting(model, policy, evict_every=evict_every, compact_every=7, offer=offer) as run, torch.no_grad():
+        cache = run.new_cache()
+        forwards = [(ids[:, s : s + CHUNK], mask[:, : s + CHUNK]) for s in range(0, ids.shape[1], CHUNK)]
+        forwards += [(decode_tokens[:, t : t + 1], None) for t in range(decode_tokens.shape[1])]
+        for tokens, m in forwards:
+            logits.append(model(tokens, attention_mask=m, cache=cache).logits)
+            pending = run.pending()
+            if pending is not None:
+                offers.append(pending)
+                run.decide(decide(pending))
+    return logits, offers, cache
+
+
+@pytest.mark.parametrize("evict_every", [1, 3])
+def test_decisions_from_outside_equal_the_rule_inside(evict_every):
+    """A Threshold rule applied through pending()/decide() gives the engine's own run: same logits, same pairs
+    held; every position outside the final window and the sinks is offered exactly once, in order."""
+    model = random_tiny_model("llama", seed=1)
+    policy = table_policy(model)
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, 128, (70,), generator=gen).tolist(), torch.randint(3, 128, (41,), generator=gen).tolist()]
+    ids, mask = left_pad(rows, 0)
+    decode_tokens = torch.randint(3, 128, (2, 30), generator=gen)
+    expected = []
+    with evicting(model, policy, evict_every=evict_every, compact_every=7) as run, torch.no_grad():
+        cache = run.new_cache()
+        for s in range(0, ids.shape[1], CHUNK):
+            expected.append(model(ids[:, s : s + CHUNK], attention_mask=mask[:, : s + CHUNK], cache=cache).logits)
+        for t in range(decode_tokens.shape[1]):
+            expected.append(model(decode_tokens[:, t : t + 1], cache=cache).logits)
+
+    def by_rule(pending):
+        layers = [policy.rule.keep(pending.scores[:, i].nan_to_num(0.0), i, pending.mask[:, i]) for i in range(2)]
+        return torch.stack(layers, 1)
+
+    got, offers, ours = run_with_offers(model, policy, ids, mask, decode_tokens, evict_every, by_rule)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+    for layer in range(2):
+        for row in range(2):
+            for head in range(2):
+                assert held_positions(ours, layer, row, head) == held_positions(cache, layer, row, head)
+    for row, n in enumerate((70, 41)):
+        offered = [p for o in offers for p in o.positions[row].tolist() if p >= 0]
+        assert offered == list(range(SINKS, n + 30 - 1 - WINDOW + 1))
+    assert ours.compression().overall == cache.compression().overall > 0.2
+
+
+def test_offers_carry_scores_and_hidden_states_and_want_a_decision():
+    model = random_tiny_model("llama", seed=3)
+    spec = describe(model)
+    ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), capture_attention_inputs(model) as captured:
+        model(ids)
+        reference = torch.stack([captured[i] for i in range(spec.n_layers)], 1)  # [b, L, n, D]
+    policy = table_policy(model)
+    _, offers, cache = run_with_offers(model, policy, ids, mask, ids[:, :0], 1, lambda p: p.mask, hidden=True)
+    assert cache.compression().overall == 0  # everything kept
+    for pending in offers:
+        assert pending.hidden.shape[:3] == (2, spec.n_layers, pending.positions.shape[1])
+        for row in range(2):
+            n = int(pending.count[row])
+            pos = pending.positions[row, :n]
+            torch.testing.assert_close(pending.hidden[row, :, :n], reference[row][:, pos], atol=1e-5, rtol=0)
+            expected = policy.scorer.table[:, :, pos]  # [L, H, n]
+            torch.testing.assert_close(pending.scores[row, :, :, :n], expected)
+            assert pending.mask[row, :, :, :n].all() and not pending.mask[row, :, :, n:].any()
+    with evicting(model, None, offer=Offer(window=4, sinks=0)) as run, torch.no_grad():
+        cache = run.new_cache()
+        model(ids[:, :16], cache=cache)
+        pending = run.pending()
+        assert pending.scores is None and pending.hidden is None and pending.count.tolist() == [12, 12]
+        with pytest.raises(RuntimeError, match="decide"):
+            model(ids[:, 16:17], cache=cache)
+        with pytest.raises(ValueError, match="shape"):
+            run.decide(torch.ones(2, 2, 2, 3, dtype=torch.bool))
+        run.decide(torch.zeros_like(pending.mask))
+        assert cache.compression().overall == pytest.approx(12 / 16)
+    with pytest.raises(RuntimeError, match="offer"):
+        with evicting(model, None) as run:
+            run.pending()
+    with pytest.raises(ValueError, match="differs from the policy"):
+        with evicting(model, policy, offer=Offer(window=WINDOW + 1, sinks=SINKS)):
+            pass
+
+
+def test_runs_sharing_one_model_take_turns():
+    """Two runs on one model, forward by forward in turn (each attaching before its forward), give what each gives
+    alone; the model is plain between them once released."""
+    model = random_tiny_model("llama", seed=5)
+    gen = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(3, 128, (1, 40), generator=gen) for _ in range(2)]
+    policies = [table_policy(model, seed=1), table_policy(model, seed=2)]
+    alone = []
+    for ids, policy in zip(seqs, policies):
+        with evicting(model, policy, evict_every=1) as run, torch.no_grad():
+            cache = run.new_cache()
+            alone.append([model(ids[:, :16], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits for t in range(16, 40)])
+    runs = [eviction_run(model, policy, evict_every=1) for policy in policies]
+    caches = [run.new_cache() for run in runs]
+    together = [[], []]
+    with torch.no_grad():
+        for step in [(0, 16)] + [(t, t + 1) for t in range(16, 40)]:
+            for i, run in enumerate(runs):
+                run.attach()
+                together[i].append(model(seqs[i][:, step[0] : step[1]], cache=caches[i]).logits)
+        release(model)
+        plain = model(seqs[0]).logits
+    for a, b in zip(alone, together):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    assert model.config._attn_implementation == "sdpa" and plain.shape == (1, 40, 128)

@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 import kvzap_lab  # noqa: F401  registers the env ids
 from kvzap_lab import evaluate, tasks
 from kvzap_lab.engine import DEFAULT_EVICT_EVERY
-from kvzap_lab.envs.kv_eviction import KVEvictionEnv, KVEvictionVectorEnv, PolicyAgent, text_window_samples
+from kvzap_lab.envs import KVEvictionEnv, KVEvictionVectorEnv, PolicyAgent, text_window_samples
 from kvzap_lab.model import load_model
 from kvzap_lab.policy import Threshold, TopK, get_policy
 
@@ -133,7 +133,7 @@ def test_references_are_computed_once_per_sample(testbed, samples, monkeypatch):
         env.reset(options={"sample": sample})
     assert calls == [1, 1]  # one oracle pass per distinct sample; re-running a sample costs none
     venv = KVEvictionVectorEnv(2, *testbed, samples=samples, window=WINDOW, chunk_size=CHUNK,
-                               reference_cache=env.setup.references)
+                               reference_cache=env.config.references)
     venv.reset(seed=0)
     assert calls == [1, 1, 1]  # the vector env prepared the one sample it had not seen, and nothing else
     venv.close()
@@ -228,18 +228,17 @@ def test_clear_errors(testbed, samples):
     with pytest.raises(ValueError, match="shape"):
         env.step(np.ones((4, 2, 3), dtype=np.int8))
     with pytest.raises(TypeError, match="dtype"):
-        env.step(np.ones(env.action_space.shape, dtype=np.float32))
+        env.step(np.ones(env.action_space.shape, dtype=np.complex64))
     with pytest.raises(ValueError, match="0 .evict. and 1"):
         env.step(np.full(env.action_space.shape, 2, dtype=np.int8))
+    with pytest.raises(ValueError, match="0 .evict. and 1"):
+        env.step(np.full(env.action_space.shape, 0.5, dtype=np.float32))  # float 0.0 / 1.0 are accepted (SB3)
     with pytest.raises(ValueError, match="seed"):
         env.reset(seed=-1)
     with pytest.raises(ValueError, match="sample indices"):
         env.reset(options={"sample": 3})
-    other = make_env(testbed, samples)  # one model serves one env at a time
-    other.reset(seed=0)
-    with pytest.raises(RuntimeError, match="another env"):
-        env.step(np.ones(env.action_space.shape, dtype=np.int8))
-    other.close()
+    with pytest.raises(RuntimeError, match="reset"):
+        KVEvictionEnv(model, tokenizer, samples=samples, window=WINDOW).step(np.ones(env.action_space.shape, dtype=np.int8))
     bad = [
         (dict(window=96), "window=96 is not smaller than the context"),
         (dict(max_candidates=CHUNK - 1), "max_candidates"),
@@ -248,6 +247,8 @@ def test_clear_errors(testbed, samples):
         (dict(action_type="threshold"), "pass policy="),
         (dict(policy=get_policy("oracle", rule=Threshold(window=8))), "contradicts the policy"),
         (dict(decoding="beam"), "decoding"),
+        (dict(observation="pixels"), "observation"),
+        (dict(policy="oracle", action_type="threshold", threshold_range=(1.0, -1.0)), "threshold_range"),
         (dict(memory_weight=-1.0), "weights"),
     ]
     for options, message in bad:
@@ -268,4 +269,51 @@ def test_clear_errors(testbed, samples):
 def test_device_defaults_to_cuda_when_available(testbed, samples):
     env = KVEvictionEnv("testbed", samples=samples, window=WINDOW, chunk_size=CHUNK)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert next(env.setup.model.parameters()).device.type == expected
+    assert next(env.config.model.parameters()).device.type == expected
+
+
+def test_envs_sharing_one_model_take_turns(testbed, samples):
+    """Two envs on one loaded model, stepped in turn, play the episodes each plays alone."""
+    policy = get_policy("oracle", rule=Threshold(tau=-6.0, window=WINDOW, sinks=4))
+    agent = PolicyAgent(policy)
+    alone = [run_episode(make_env(testbed, samples, policy=policy, window=None), agent.act, k) for k in (0, 1)]
+    envs = [make_env(testbed, samples, policy=policy, window=None) for _ in range(2)]
+    obs = [env.reset(options={"sample": k})[0] for k, env in enumerate(envs)]
+    rewards, ends = [[], []], [None, None]
+    while None in ends:
+        for i, env in enumerate(envs):
+            if ends[i] is None:
+                obs[i], reward, terminated, _, info = env.step(agent.act(obs[i]))
+                rewards[i].append(reward)
+                ends[i] = info if terminated else None
+    for i in range(2):
+        assert rewards[i] == pytest.approx(alone[i][0], rel=1e-5, abs=1e-7)
+        assert ends[i]["compression"] == alone[i][1][-1]["compression"]
+    model = testbed[0]
+    assert model.config._attn_implementation == "sdpa" and not model.model._forward_pre_hooks  # plain after the episodes
+
+
+def test_compact_observations_flat_float_actions_and_ansi_render(testbed, samples):
+    """What Stable-Baselines3 needs: a 1-D MultiBinary (float 0/1 accepted), observations without hidden states."""
+    model, tokenizer = testbed
+    env = gym.make("kvzap_lab/KVEviction-v0", model=model, tokenizer=tokenizer, samples=samples, window=WINDOW,
+                   chunk_size=CHUNK, policy="oracle", observation="compact", flat_actions=True, render_mode="ansi")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env.unwrapped)
+    assert env.action_space.shape == (4 * 2 * CHUNK,) and "hidden" not in env.observation_space.spaces
+    full = make_env(testbed, samples, policy="oracle")
+    (obs, _), (full_obs, _) = env.reset(options={"sample": 1}), full.reset(options={"sample": 1})
+    while True:
+        for key in obs:
+            np.testing.assert_array_equal(obs[key], full_obs[key])  # the same observation, hidden states aside
+        keep = (full_obs["scores"] >= -6.0).astype(np.int8)
+        obs, reward, terminated, _, info = env.step(keep.reshape(-1).astype(np.float32))
+        full_obs, full_reward, _, _, full_info = full.step(keep)
+        assert reward == full_reward
+        text = env.render()
+        assert isinstance(text, str) and f"{env.unwrapped.episode.fed}/" in text
+        if terminated:
+            break
+    assert info["compression"] == full_info["compression"] > 0 and "done" in text
+    env.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvzap_lab.envs.kv_eviction import KVEvictionVectorEnv
+from kvzap_lab.envs import KVEvictionVectorEnv
 from kvzap_lab.model import load_model
 from kvzap_lab.policy import Policy, Threshold
 from kvzap_lab.tasks import make_samples

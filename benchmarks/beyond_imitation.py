@@ -1,0 +1,218 @@
+"""Beyond imitation, side by side in one run: the supervised KVzap-MLP, the same scorer fine-tuned on the model's own
+loss (``kvzap_lab.finetune``), and the RL learner (``examples/reinforce_scorer.py``), on the same held-out samples at
+matched compressions, with Wilson 95 % confidence intervals.
+
+    python benchmarks/beyond_imitation.py --model testbed --json
+
+1. The supervised scorer: ``--supervised DIR`` if it holds one, else the README recipe (``collect --n-sequences 300
+   --context-tokens 256 --tokens-per-sequence 200``, then ``train --policy mlp``) into ``results/``.
+2. Fine-tuned: ``finetune`` from it, on ``--train-tasks`` (the two needle tasks and key-value retrieval, other
+   seeds than the held-out ones) and filler text (resumable; a finished run with the same settings is reused).
+3. RL: ``train(args) -> scorer`` of ``examples/reinforce_scorer.py``, when that file is in the checkout.
+4. Every scorer gets, for each target compression, the threshold at which it evicts that fraction of the pairs of
+   calibration samples (its own scale: matched compressions, not matched taus); then the hard engine answers the
+   held-out samples (test bed: the two needle tasks at 512 tokens, window 16, sinks 4, sample seed 1, as README's
+   table). The full cache answers the same samples.
+
+The last line (``--json``) holds, per scorer, ``compression_within_1pt`` (the fraction of pairs evicted at the most
+compressed point whose accuracy is within 1 point of the full cache's; null if none is) and its points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from kvzap_lab import cli, collect, io, stats, tasks, train
+from kvzap_lab.evaluate import run_cell
+from kvzap_lab.finetune import finetune, judged_scores, task_item, tau_for
+from kvzap_lab.finetune import parse_args as parse_finetune_args
+from kvzap_lab.model import fingerprint, load_model
+from kvzap_lab.policies.kvzap_mlp import KVzapMLP
+from kvzap_lab.policy import Policy, Threshold
+from kvzap_lab.soft_eviction import Schedule, ScorerNet
+
+REPO = Path(__file__).resolve().parents[1]
+WITHIN = 0.01  # "within 1 point of the full cache"
+CALIBRATION_SEED = 3  # calibration samples; the held-out ones use --seed (1, README's)
+
+
+def supervised_scorer(args, model) -> Path:
+    """The supervised KVzap-MLP's checkpoint directory: ``--supervised`` if it holds one, else the README recipe."""
+    scorer_dir = args.supervised / "scorer"
+    if (scorer_dir / "config.json").is_file():
+        return scorer_dir
+    data = args.results / "data" / args.model.replace("/", "_")
+    if collect.main(["--model", args.model, "--out", str(data), "--n-sequences", "300", "--context-tokens", "256",
+                     "--tokens-per-sequence", "200"]) != 0:
+        raise RuntimeError("the oracle collection failed (see above)")
+    train.main(["--policy", "mlp", "--data", str(data), "--out", str(args.supervised), "--model", args.model])
+    return scorer_dir
+
+
+def rl_scorer(args, supervised: Path, tau: float) -> tuple[KVzapMLP | None, str]:
+    """``examples/reinforce_scorer.py``'s ``train(args) -> scorer``, started from the
+    supervised scorer at ``tau`` (where it evicts the fine-tuning's target compression). Returns ``(scorer or None,
+    status)``."""
+    path = REPO / "examples" / "reinforce_scorer.py"
+    if not path.is_file():
+        return None, "examples/reinforce_scorer.py is not in this checkout (issue 17.4): no RL scorer to compare"
+    spec = importlib.util.spec_from_file_location("reinforce_scorer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # The learner's own Args with the settings this comparison fixes (the names it declares among these).
+    out = args.results / "beyond_imitation" / args.model.replace("/", "_") / "rl"
+    wanted = {"checkpoint": str(supervised), "out": str(out), "model": args.model, "seed": args.seed, "tau": tau,
+              "window": args.window, "sinks": args.sinks, "context_tokens": args.context_tokens,
+              "task": args.tasks[0], "progress": not args.json}
+    declared = {f.name for f in dataclasses.fields(module.Args)}
+    rl_args = module.Args(**{k: v for k, v in wanted.items() if k in declared})
+    return module.train(rl_args), f"examples/reinforce_scorer.py with {rl_args}"
+
+
+def calibration_items(tokenizer, args) -> list:
+    """Calibration samples (their own seed) fed as the engine feeds them in evaluation."""
+    return [task_item(tokenizer, task, args.context_tokens, CALIBRATION_SEED * 1000 + i)
+            for task in args.tasks for i in range(args.calibration_samples)]
+
+
+def matched_taus(model, scorer, items, args) -> dict[float, float]:
+    """Per target compression, the tau at which ``scorer`` evicts that fraction of the calibration pairs."""
+    net = ScorerNet(scorer)
+    found = [judged_scores(model, net, items[i : i + 8], Schedule(chunk_size=args.chunk_size), args.window, args.sinks)
+             for i in range(0, len(items), 8)]
+    scores, real = torch.cat([s for s, _ in found]), sum(n for _, n in found)
+    return {c: tau_for(scores, real, c, args.window, args.sinks) for c in args.compressions}
+
+
+def answer(model, policy, samples_by_task, end, args) -> dict:
+    """Accuracy (exact match, pooled over tasks), its Wilson interval and the mean compression of ``policy``."""
+    correct, n, compression = 0.0, 0, 0.0
+    for samples in samples_by_task.values():
+        cell = run_cell(model, policy, samples, end, args.batch_size, args.chunk_size)
+        correct += cell["accuracy"] * len(samples)
+        compression += cell["compression"] * len(samples)
+        n += len(samples)
+    low, high = stats.wilson_interval(correct / n, n)
+    return {"accuracy": correct / n, "ci95": [low, high], "n": n, "compression": compression / n}
+
+
+def weights_digest(scorer) -> str:
+    digest = hashlib.sha256()
+    for W, b in scorer.weights_:
+        digest.update(W.numpy().tobytes() + b.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def evaluate_scorer(model, scorer, label, items, samples, end, args, cache: dict, cache_path: Path) -> dict:
+    """The points of one scorer (cached by scorer weights and settings, so a rerun resumes)."""
+    points = []
+    for target, tau in matched_taus(model, scorer, items, args).items():
+        key = json.dumps([weights_digest(scorer), target, args.tasks, args.n_samples, args.seed, args.context_tokens,
+                          args.window, args.sinks, args.chunk_size])
+        if key not in cache:
+            policy = Policy(label, scorer, Threshold(tau=tau, window=args.window, sinks=args.sinks))
+            cache[key] = {"target": target, "tau": tau} | answer(model, policy, samples, end, args)
+            io.atomic_write_json(cache_path, cache)
+        points.append(cache[key])
+        p = points[-1]
+        print(f"{label:>11} target {target:.2f}  tau {tau:7.3f}  compression {p['compression']:.3f} "
+              f"({1 / (1 - p['compression']):.2f}x)  accuracy {p['accuracy']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]",
+              file=sys.stderr)
+    return points
+
+
+def best_within(points: list[dict], full_accuracy: float) -> float | None:
+    """Compression of the most compressed point within 1 point of the full cache (None if none is)."""
+    ok = [p["compression"] for p in points if p["accuracy"] >= full_accuracy - WITHIN - 1e-12]
+    return max(ok) if ok else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/beyond_imitation.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="testbed")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results folder (data, scorers, cache)")
+    p.add_argument("--supervised", type=Path, default=None, help="train's --out of the supervised MLP (default results/train/mlp)")
+    p.add_argument("--tasks", nargs="+", default=["single_needle", "multi_key_needle"], choices=tasks.TASKS,
+                   help="held-out tasks of the comparison")
+    p.add_argument("--train-tasks", nargs="+", default=["single_needle", "multi_key_needle", "kv_retrieval"],
+                   choices=tasks.TASKS, help="tasks the fine-tuning trains on")
+    p.add_argument("--context-tokens", type=cli.positive_int, default=512)
+    p.add_argument("--n-samples", type=cli.positive_int, default=100, help="held-out samples per task")
+    p.add_argument("--calibration-samples", type=cli.positive_int, default=16, help="calibration samples per task")
+    p.add_argument("--compressions", nargs="+", type=cli.fraction(0, 1, high_open=True),
+                   default=[0.74, 0.77, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9], help="matched target compressions (>= 3)")
+    p.add_argument("--window", type=cli.non_negative_int, default=16)
+    p.add_argument("--sinks", type=cli.non_negative_int, default=4)
+    p.add_argument("--chunk-size", type=cli.positive_int, default=128)
+    p.add_argument("--batch-size", type=cli.positive_int, default=16)
+    p.add_argument("--seed", type=cli.non_negative_int, default=1, help="held-out sample seed")
+    p.add_argument("--finetune-args", default="", help="more flags for kvzap_lab.finetune, e.g. '--steps 80 --lr 5e-3'")
+    p.add_argument("--json", action="store_true", help="end with the comparison as one JSON line")
+    args = p.parse_args(argv)
+    if len(args.compressions) < 3:
+        p.error("--compressions needs at least 3 targets (matched points)")
+    args.supervised = args.supervised or args.results / "train" / "mlp"
+
+    model, tokenizer = load_model(args.model, device="cpu" if not torch.cuda.is_available() else None)
+    out = args.results / "beyond_imitation" / args.model.replace("/", "_")
+    io.check_writable(out)
+    supervised_dir = supervised_scorer(args, model)
+    supervised = KVzapMLP.load(supervised_dir, model=model)
+
+    ft_args = parse_finetune_args([
+        "--policy", "mlp", "--checkpoint", str(supervised_dir), "--out", "", "--model", args.model,
+        "--tasks", *args.train_tasks, "--context-tokens", str(args.context_tokens), "--window", str(args.window),
+        "--sinks", str(args.sinks), "--chunk-size", str(args.chunk_size),
+        "--tracking-uri", f"sqlite:///{args.results.resolve() / 'mlflow.db'}", *shlex.split(args.finetune_args),
+    ])
+    # one folder per fine-tuning setting, so that other --finetune-args train anew instead of clashing
+    settings = hashlib.sha256(json.dumps(ft_args.identity(), sort_keys=True).encode()).hexdigest()[:10]
+    ft_args = dataclasses.replace(ft_args, out=out / f"finetuned-{settings}")
+    finetuned, ft_summary = finetune(ft_args, model, tokenizer, progress=not args.json)
+    rl, rl_status = rl_scorer(args, supervised_dir, tau=ft_summary["tau"])
+
+    end = tokenizer.convert_tokens_to_ids(tasks.END)
+    samples = {t: tasks.make_samples(t, tokenizer, args.n_samples, args.context_tokens, args.seed) for t in args.tasks}
+    items = calibration_items(tokenizer, args)
+    cache_path = out / "points.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    key = json.dumps(["full", fingerprint(model), args.tasks, args.n_samples, args.seed, args.context_tokens, args.chunk_size])
+    if key not in cache:
+        cache[key] = answer(model, None, samples, end, args)
+        io.atomic_write_json(cache_path, cache)
+    full = cache[key]
+    print(f"{'full cache':>11} accuracy {full['accuracy']:.3f} [{full['ci95'][0]:.3f}, {full['ci95'][1]:.3f}] "
+          f"on {full['n']} samples", file=sys.stderr)
+
+    result = {"model": args.model, "tasks": args.tasks, "context_tokens": args.context_tokens, "window": args.window,
+              "sinks": args.sinks, "seed": args.seed, "full": full,
+              "finetune": {"tau": ft_summary["tau"], "settings": ft_summary["settings"], "scorer_dir": ft_summary["scorer_dir"]}}
+    for label, scorer in (("supervised", supervised), ("finetuned", finetuned), ("rl", rl)):
+        if scorer is None:
+            result[label] = {"compression_within_1pt": None, "points": []}
+            continue
+        points = evaluate_scorer(model, scorer, label, items, samples, end, args, cache, cache_path)
+        result[label] = {"compression_within_1pt": best_within(points, full["accuracy"]), "points": points}
+    result["rl"]["status"] = rl_status
+    sup, fin = result["supervised"]["compression_within_1pt"], result["finetuned"]["compression_within_1pt"]
+    ratio = lambda c: None if c is None else 1 / (1 - c)  # noqa: E731
+    result["goal"] = {"supervised_x": ratio(sup), "finetuned_x": ratio(fin),
+                      "met": sup is not None and fin is not None and ratio(fin) >= ratio(sup) + 0.5}
+    print(f"within 1 point of the full cache: supervised {ratio(sup) or '-'}x, fine-tuned {ratio(fin) or '-'}x; "
+          f"goal (+0.5x) {'met' if result['goal']['met'] else 'not met'}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
