@@ -44,8 +44,9 @@ def _make_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    argv = ["--model", str(root / "model"), "--out", str(root / "data"), "--tasks", "single_needle,copy",
-            "--n-sequences", "8", "--context-tokens", "40", "--tokens-per-sequence", "16"]
+    argv = ["--model", str(root / "model"), "--out", str(root / "data"), "--tasks", "single_needle", "copy",
+            "--n-sequences", "8", "--context-tokens", "40", "--tokens-per-sequence", "16",
+            "--dtype", "float32", "--shard-size", "16", "--batch-size", "8"]  # the test bed's storage (pinned study)
     assert collect.main(argv) == 0
     return root / "model", root / "data", model
 
