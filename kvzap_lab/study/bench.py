@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from kvzap_lab.policy import Policy
 from kvzap_lab.study.config import Collection, StudyError
 
@@ -76,11 +78,12 @@ def default_data_dir(results: Path, name: str, fingerprint: str, short: str) -> 
     return shared if manifest is None or manifest["model"]["fingerprint"] == fingerprint else results / "data" / short
 
 
-def load_data(model, tokenizer, name: str, data_dir: Path, recipe: Collection, context_tokens: int, seed: int):
+def load_data(model, tokenizer, name: str, data_dir: Path, recipe: Collection, context_tokens: int, seed: int,
+              train_rows: int = 0):
     """The oracle dataset in ``data_dir`` (checked against ``model``), collected there first if absent or
     unfinished: ``python -m kvzap_lab.collect --tasks all`` with the ``recipe``'s counts, contexts of at most
     ``context_tokens``, and collect's other defaults. ``name``: the model's short name, recorded in the manifest
-    as the command does."""
+    as the command does. ``train_rows`` > 0: at most that many training rows (see :func:`subsample`)."""
     from kvzap_lab import collect, data, oracle, tasks
 
     manifest = data.read_manifest(data_dir) if data_dir.exists() else None
@@ -104,7 +107,24 @@ def load_data(model, tokenizer, name: str, data_dir: Path, recipe: Collection, c
             collect.collect(model, tokenizer, contexts, data_dir, settings)
         except (ValueError, FileNotFoundError) as err:
             raise StudyError(f"collecting the oracle dataset into {data_dir} failed: {err}; pass --data DIR to use another") from None
-    try:
-        return data.load_dataset(data_dir, model=model)
+    try:  # a subsample is drawn from the storage dtype (bfloat16 for a real model: half the memory of float32)
+        dataset = data.load_dataset(data_dir, model=model, dtype=None if train_rows else torch.float32)
     except data.DatasetError as err:
         raise StudyError(f"{err} (or pass --data DIR)") from None
+    return subsample(dataset, train_rows, seed) if train_rows else dataset
+
+
+def subsample(dataset, train_rows: int, seed: int):
+    """``dataset`` with at most ``train_rows`` training rows drawn at random (seeded), held-out rows in the same
+    proportion, in their order, ``X`` in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    n_train, n_test = len(dataset.y_train), len(dataset.y_test)
+    keep_train = min(train_rows, n_train)
+    keep_test = min(n_test, max(1, round(n_test * keep_train / n_train))) if n_test else 0
+    train = torch.randperm(n_train, generator=generator)[:keep_train].sort().values
+    test = torch.randperm(n_test, generator=generator)[:keep_test].sort().values
+    return replace(
+        dataset,
+        X_train=dataset.X_train[train].float(), y_train=dataset.y_train[train], groups_train=dataset.groups_train[train],
+        X_test=dataset.X_test[test].float(), y_test=dataset.y_test[test], groups_test=dataset.groups_test[test],
+    )

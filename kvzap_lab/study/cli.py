@@ -91,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
                    f"per batch and shared by the full cache and every trial {_by_model('chunk_size')}")
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples answered together "
                    f"{_by_model('batch_size')}")
+    p.add_argument("--train-rows", type=non_negative_int, default=None, help="training rows drawn (seeded) from the "
+                   "oracle dataset for every fit, held-out rows in the same proportion; 0: all "
+                   f"{_by_model('train_rows')}")
     p.add_argument("--results", type=Path, default=Path("results"), help="local results folder: optuna.db, mlflow.db, "
                    "mlartifacts/, data/ [results]")
     p.add_argument("--data", type=Path, default=None, help="oracle dataset directory (kvzap_lab.collect); collected "

@@ -36,6 +36,7 @@ class ModelProfile:
     context_tokens: int
     chunk_size: int  # prefill chunk of the evaluation; 0: one chunk, prefilled once and shared by every trial
     batch_size: int
+    train_rows: int  # training rows drawn (seeded) from the dataset for every fit; 0: all of them
     collection: Collection
     note: str
 
@@ -46,7 +47,8 @@ class ModelProfile:
         return (
             f"model profile {name!r} (flags override): {self.n_trials} trials, tasks {' '.join(self.tasks)}, "
             f"{self.samples_per_task} samples per task of {self.context_tokens} tokens in batches of {self.batch_size}, "
-            f"prefill in {prefill}, {self.verify_samples} verification samples per task; first-use dataset: "
+            f"prefill in {prefill}, {self.verify_samples} verification samples per task, "
+            f"{'all' if not self.train_rows else self.train_rows} training rows; first-use dataset: "
             f"{c.sequences} task contexts of {c.context_tokens} tokens, {c.tokens_per_sequence} rows each. {self.note}"
         )
 
@@ -57,7 +59,7 @@ class ModelProfile:
 # evict better at 512 tokens than ones fitted on 512-token contexts of the evaluation tasks alone (README).
 TESTBED_PROFILE = ModelProfile(
     n_trials=64, tasks=DEFAULT_TASKS, samples_per_task=24, verify_samples=100, context_tokens=512, chunk_size=128,
-    batch_size=128, collection=Collection(sequences=300, context_tokens=256, tokens_per_sequence=200),
+    batch_size=128, train_rows=0, collection=Collection(sequences=300, context_tokens=256, tokens_per_sequence=200),
     note="The README's main job.",
 )
 PROFILES = {
@@ -68,7 +70,7 @@ PROFILES = {
     # TODO: numbers measured on this machine
     "smollm2-135m": ModelProfile(
         n_trials=12, tasks=DEFAULT_TASKS, samples_per_task=8, verify_samples=16, context_tokens=512, chunk_size=0,
-        batch_size=8, collection=Collection(sequences=64, context_tokens=512, tokens_per_sequence=128),
+        batch_size=8, train_rows=8192, collection=Collection(sequences=64, context_tokens=512, tokens_per_sequence=128),
         note="Sized for SmolLM2-135M on 2 CPU cores.",
     ),
 }
@@ -76,11 +78,12 @@ PROFILES = {
 # prefill, shared by every trial, in batches of 8.
 OTHER_PROFILE = ModelProfile(
     n_trials=64, tasks=DEFAULT_TASKS, samples_per_task=24, verify_samples=100, context_tokens=512, chunk_size=0,
-    batch_size=8, collection=TESTBED_PROFILE.collection, note="The default for models without a profile of their own.",
+    batch_size=8, train_rows=0, collection=TESTBED_PROFILE.collection, note="The default for models without a profile of their own.",
 )
 
 
-PROFILE_FIELDS = ("n_trials", "tasks", "samples_per_task", "verify_samples", "context_tokens", "chunk_size", "batch_size")
+PROFILE_FIELDS = ("n_trials", "tasks", "samples_per_task", "verify_samples", "context_tokens", "chunk_size", "batch_size",
+                  "train_rows")
 
 
 def profile_for(model: str) -> tuple[str, ModelProfile]:
@@ -142,6 +145,8 @@ class StudyConfig:
             chunk (KVzap's semantics), prefilled once per batch and shared by the full cache and every trial
             (*profile*).
         batch_size: samples answered together (*profile*).
+        train_rows: training rows drawn (seeded) from the oracle dataset for every fit, and held-out rows in
+            the same proportion; 0: all (*profile*).
         results: local results folder (the sqlite stores, MLflow artifacts, collected data).
         data: oracle dataset directory (default ``<results>/data/<model>``; collected there if missing).
         space: ``--space`` overrides, ``NAME=LOW:HIGH``, ``NAME=A,B,C`` or ``NAME=VALUE``.
@@ -169,6 +174,7 @@ class StudyConfig:
     context_tokens: int | None = None
     chunk_size: int | None = None
     batch_size: int | None = None
+    train_rows: int | None = None
     results: Path = Path("results")
     data: Path | None = None
     space: tuple[str, ...] = ()
@@ -190,9 +196,9 @@ class StudyConfig:
         for name in ("n_trials", "workers", "samples_per_task", "context_tokens", "batch_size", "heartbeat_interval", "grace_period"):
             if getattr(self, name) < 1:
                 raise StudyError(f"{name} must be an int >= 1; got {getattr(self, name)}")
-        if min(self.verify_samples, self.worker_index, self.chunk_size) < 0:
-            raise StudyError(f"verify_samples, worker_index and chunk_size must be >= 0; got {self.verify_samples}, "
-                             f"{self.worker_index}, {self.chunk_size}")
+        if min(self.verify_samples, self.worker_index, self.chunk_size, self.train_rows) < 0:
+            raise StudyError(f"verify_samples, worker_index, chunk_size and train_rows must be >= 0; got "
+                             f"{self.verify_samples}, {self.worker_index}, {self.chunk_size}, {self.train_rows}")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise StudyError(f"timeout must be a number of seconds > 0; got {self.timeout}")
         if self.objectives not in OBJECTIVES:
@@ -233,6 +239,7 @@ class StudyConfig:
             "samples_per_task": self.samples_per_task,
             "chunk_size": self.chunk_size,
             "batch_size": self.batch_size,
+            "train_rows": self.train_rows,
             "eval_seed": EVAL_SEED_OFFSET + self.seed,
             "objectives": self.objectives,
         }
