@@ -2,10 +2,11 @@
 ``--workers N``.
 
 A study's named phases, where a test makes the process kill itself (:func:`kvzap_lab.faults.kill_point`,
-``KVZAP_LAB_KILL_AT=NAME[:N]``) or hold until others got there (:func:`kvzap_lab.faults.barrier`): ``study.create``
-(before the study is created or loaded; the barrier's point), ``study.created`` (created, start points not yet
-queued), ``study.start_point`` (after each queued start point), ``study.trial`` (each trial, its scorer fitted)
-and ``study.verify`` (before the verification's scorer is fitted).
+``KVZAP_LAB_KILL_AT=NAME[:N]``) or hold until others got there (:func:`kvzap_lab.faults.barrier`,
+``KVZAP_LAB_BARRIER=NAME:N:DIR``, at a process's first call): ``study.create`` (before the study is created or
+loaded; a barrier point), ``study.created`` (created, start points not yet queued), ``study.start_point`` (after
+each queued start point), ``study.trial`` (each trial, its scorer fitted; a barrier point) and ``study.verify``
+(before the verification's scorer is fitted).
 
 ``--n-trials`` counts finished (complete or pruned) trials of the whole study: each worker, on this machine or
 another, starts a trial only while finished + running trials are fewer than it, and waits while the missing

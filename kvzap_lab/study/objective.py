@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvzap_lab.faults import kill_point
+from kvzap_lab.faults import barrier, kill_point
 from kvzap_lab.policy import Policy
 from kvzap_lab.studies import rule as rule_space
 from kvzap_lab.studies.space import suggest
@@ -71,6 +71,7 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
         try:
             scorer, policy_ = fit_trial_policy(policy, factory, space, bench, values | rule_values, seed)
             kill_point("study.trial")
+            barrier("study.trial")
             fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy())
             train_seconds = time.perf_counter() - started
             per_task = {}
