@@ -64,10 +64,11 @@ TESTBED_PROFILE = ModelProfile(
 )
 PROFILES = {
     "testbed": TESTBED_PROFILE,
-    # SmolLM2-135M on 2 CPU cores: a prefill of one 512-token sample costs seconds, a scorer fit on 10k rows
-    # tens of seconds. KVzap's one-chunk prefill (full prefill attention, eviction after it) lets every trial
-    # and the full cache branch from one prefill per batch; few samples and trials; a small first-use dataset.
-    # TODO: numbers measured on this machine
+    # SmolLM2-135M on 2 CPU cores: a prefill of one 512-token sample costs seconds, an MLP fit of 30 layers
+    # ~1 TFLOP per 8k rows and 15 epochs. KVzap's one-chunk prefill (full prefill attention, eviction after it)
+    # lets every trial and the full cache branch from one prefill per batch; the 7 start points share one fit;
+    # few samples and trials; a subsample of the (e.g. 112k-row) dataset; a small first-use dataset. Sizes
+    # chosen, not yet timed end to end (the one attempt ran on a saturated machine).
     "smollm2-135m": ModelProfile(
         n_trials=12, tasks=DEFAULT_TASKS, samples_per_task=8, verify_samples=16, context_tokens=512, chunk_size=0,
         batch_size=8, train_rows=8192, collection=Collection(sequences=64, context_tokens=512, tokens_per_sequence=128),
