@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from kvzap_lab import cli, data, io, oracle
 from kvzap_lab.faults import kill_point
-from kvzap_lab.model import MODEL_HELP, capture_attention_inputs, describe, fingerprint, load_model
+from kvzap_lab.model import MODEL_HELP, capture_attention_inputs, describe, fingerprint, load_model, model_name
 
 # Defaults by source (KVzap-like windows of the corpus, which a real model reads by default; tasks and text files
 # as the test bed always had them) and by model (a real model's X is large: bfloat16 halves it).
@@ -399,8 +399,7 @@ def _contexts(args, tokenizer, from_corpus: bool) -> tuple[list[Context], dict]:
 
 def _run(args) -> dict:
     """Load the model, build the contexts and settings from parsed CLI arguments, and collect."""
-    model_name = "testbed" if args.model == "testbed" else Path(args.model).name
-    out = args.out or Path("results/data") / model_name
+    out = args.out or Path("results/data") / model_name(args.model)
     io.check_writable(out)  # before loading anything
     num_workers, worker_index = resolve_workers(args.num_workers, args.worker_index)
     real_model = args.model != "testbed"
@@ -414,7 +413,7 @@ def _run(args) -> dict:
     model, tokenizer = load_model(args.model, device=args.device)
     contexts, source = _contexts(args, tokenizer, from_corpus)
     settings = {
-        "model_name": model_name,
+        "model_name": model_name(args.model),
         "source": source,
         "seed": args.seed,
         "test_fraction": args.test_fraction,

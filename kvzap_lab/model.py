@@ -5,6 +5,7 @@ Everything else in the lab talks to a model through this file:
 - :func:`load_model` returns ``(model, tokenizer)``; the name ``"testbed"`` is the bundled checkpoint,
   ``"smollm2-135m"`` (and any ``.gguf`` file) a GGUF converted once into a cached checkpoint
   (:mod:`kvzap_lab.gguf_models`).
+- :func:`model_name` gives the short name of a model for default paths (``results/data/<name>``).
 - :func:`describe` returns a :class:`ModelSpec` (layers, heads, KV heads, head dim, GQA group, hidden size);
   :func:`check_fits` refuses a sequence longer than the model's window.
 - :func:`attention_modules` lists the attention module of every decoder layer.
@@ -143,6 +144,12 @@ def fingerprint(model: nn.Module) -> str:
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def model_name(name_or_path: str | Path) -> str:
+    """The short name of a model (any name :func:`load_model` takes) in default paths and study names:
+    ``testbed``, a registry name as it is (``smollm2-135m``), else the last part of the path or hub name."""
+    return "testbed" if str(name_or_path) == "testbed" else Path(name_or_path).name
 
 
 def load_model(

@@ -1,29 +1,43 @@
 """What every trial is measured on: the model, the oracle dataset (reused, or collected once on first use) and
-the fixed, seeded held-out task samples."""
+the fixed, seeded held-out task samples, answered with a chunked prefill or from prefills shared by every trial."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from kvzap_lab.policy import Policy
-from kvzap_lab.study.config import COLLECT_CONTEXT_TOKENS, COLLECT_SEQUENCES, COLLECT_TOKENS_PER_SEQUENCE, StudyError
+from kvzap_lab.study.config import Collection, StudyError
 
 
 @dataclass
 class Bench:
-    """The model, the oracle dataset and the held-out samples (``{task: [Sample]}``) every trial evaluates on."""
+    """The model, the oracle dataset and the held-out samples (``{task: [Sample]}``) every trial evaluates on.
+
+    ``chunk_size`` is the evaluation's prefill chunk: with 0 each batch of ``batch_size`` samples is prefilled
+    once, in one chunk, with the full cache (:func:`kvzap_lab.engine.prefill`), kept, and every policy (the
+    full cache, each trial's) branches from it: exactly what its own one-chunk prefill would give, without
+    paying the prefill again. Memory: per batch the full cache and the hidden states of every layer.
+    """
 
     model: object
     tokenizer: object
     spec: object
     dataset: object
     samples: dict
-    end_id: int
+    chunk_size: int
+    batch_size: int
     last_fit: tuple = (None, None)  # (arguments as JSON, scorer) of the last scorer fitted on ``dataset``
+    prefills: dict = field(default_factory=dict)  # {task: [Prefill per batch]} when chunk_size is 0
+
+    def with_samples(self, samples: dict) -> Bench:
+        """The same bench on other samples (its own prefills; the last fit is shared)."""
+        return replace(self, samples=samples, prefills={})
 
     def fit(self, factory, arguments: dict):
         """``factory(**arguments)`` fitted on the oracle dataset, or the same scorer again when the previous fit had
@@ -37,17 +51,21 @@ class Bench:
         return self.last_fit[1]
 
     def run(self, policy: Policy | None, task: str) -> dict:
-        """Accuracy and compression of ``policy`` (``None``: full cache) on ``task``'s samples, one batch."""
-        from kvzap_lab.engine import DEFAULT_CHUNK
-        from kvzap_lab.evaluate import run_cell
+        """Accuracy and compression of ``policy`` (``None``: full cache) on ``task``'s samples (see
+        :meth:`kvzap_lab.evaluate.Tally.result`); each sample stops at its own stop tokens or budget."""
+        from kvzap_lab.engine import prefill
+        from kvzap_lab.evaluate import Tally, batches, generation_args, run_cell
 
         samples = self.samples[task]
-        return run_cell(self.model, policy, samples, self.end_id, len(samples), DEFAULT_CHUNK)
-
-
-def model_name(model: str) -> str:
-    """Short model name used in default paths and study names."""
-    return "testbed" if model == "testbed" else Path(model).name
+        if self.chunk_size:
+            return run_cell(self.model, policy, samples, None, self.batch_size, self.chunk_size, tokenizer=self.tokenizer)
+        groups = batches(samples, self.batch_size)
+        if task not in self.prefills:
+            self.prefills[task] = [prefill(self.model, [s.input_ids for s in batch]) for batch in groups]
+        tally = Tally()
+        for batch, started in zip(groups, self.prefills[task]):
+            tally.add(batch, started.branch(policy, **generation_args(batch)), self.tokenizer)
+        return tally.result()
 
 
 def default_data_dir(results: Path, name: str, fingerprint: str, short: str) -> Path:
@@ -60,23 +78,27 @@ def default_data_dir(results: Path, name: str, fingerprint: str, short: str) -> 
     return shared if manifest is None or manifest["model"]["fingerprint"] == fingerprint else results / "data" / short
 
 
-def load_data(model, tokenizer, name: str, data_dir: Path, context_tokens: int, seed: int):
-    """The oracle dataset in ``data_dir`` (checked against ``model``), collected there first with the README's
-    recipe (every task; contexts of at most ``context_tokens``) if absent or unfinished. ``name``: the model's
-    short name, recorded in the manifest as ``python -m kvzap_lab.collect`` does."""
+def load_data(model, tokenizer, name: str, data_dir: Path, recipe: Collection, context_tokens: int, seed: int,
+              train_rows: int = 0):
+    """The oracle dataset in ``data_dir`` (checked against ``model``), collected there first if absent or
+    unfinished: ``python -m kvzap_lab.collect --tasks all`` with the ``recipe``'s counts, contexts of at most
+    ``context_tokens``, and collect's other defaults. ``name``: the model's short name, recorded in the manifest
+    as the command does. ``train_rows`` > 0: at most that many training rows (see :func:`subsample`)."""
     from kvzap_lab import collect, data, oracle, tasks
 
     manifest = data.read_manifest(data_dir) if data_dir.exists() else None
     if manifest is None or not manifest.get("complete"):
-        print(f"collecting a small oracle dataset in {data_dir} (reused by later studies)", file=sys.stderr)
-        context = min(COLLECT_CONTEXT_TOKENS, context_tokens)
-        contexts = collect.task_contexts(tokenizer, list(tasks.TASKS), COLLECT_SEQUENCES, context, seed)
+        context = min(recipe.context_tokens, context_tokens)
+        rows = min(recipe.tokens_per_sequence, context_tokens)
+        print(f"collecting an oracle dataset in {data_dir} (reused by later studies): {recipe.sequences} task contexts "
+              f"of {context} tokens, {rows} rows each", file=sys.stderr)
+        contexts = collect.task_contexts(tokenizer, list(tasks.TASKS), recipe.sequences, context, seed)
         settings = {  # python -m kvzap_lab.collect --tasks all with these counts: its other defaults
             "model_name": name,
             "source": {"kind": "tasks", "tasks": list(tasks.TASKS), "context_tokens": context},
             "seed": seed,
             "test_fraction": 0.1,
-            "tokens_per_sequence": min(COLLECT_TOKENS_PER_SEQUENCE, context_tokens),
+            "tokens_per_sequence": rows,
             "decode_tokens": 0,
             "dtype": "float32",
             "oracle": {"normalize": True, "chunk_size": oracle.DEFAULT_CHUNK, "anchor": oracle.DEFAULT_ANCHOR},
@@ -85,7 +107,24 @@ def load_data(model, tokenizer, name: str, data_dir: Path, context_tokens: int, 
             collect.collect(model, tokenizer, contexts, data_dir, settings)
         except (ValueError, FileNotFoundError) as err:
             raise StudyError(f"collecting the oracle dataset into {data_dir} failed: {err}; pass --data DIR to use another") from None
-    try:
-        return data.load_dataset(data_dir, model=model)
+    try:  # a subsample is drawn from the storage dtype (bfloat16 for a real model: half the memory of float32)
+        dataset = data.load_dataset(data_dir, model=model, dtype=None if train_rows else torch.float32)
     except data.DatasetError as err:
         raise StudyError(f"{err} (or pass --data DIR)") from None
+    return subsample(dataset, train_rows, seed) if train_rows else dataset
+
+
+def subsample(dataset, train_rows: int, seed: int):
+    """``dataset`` with at most ``train_rows`` training rows drawn at random (seeded), held-out rows in the same
+    proportion, in their order, ``X`` in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    n_train, n_test = len(dataset.y_train), len(dataset.y_test)
+    keep_train = min(train_rows, n_train)
+    keep_test = min(n_test, max(1, round(n_test * keep_train / n_train))) if n_test else 0
+    train = torch.randperm(n_train, generator=generator)[:keep_train].sort().values
+    test = torch.randperm(n_test, generator=generator)[:keep_test].sort().values
+    return replace(
+        dataset,
+        X_train=dataset.X_train[train].float(), y_train=dataset.y_train[train], groups_train=dataset.groups_train[train],
+        X_test=dataset.X_test[test].float(), y_test=dataset.y_test[test], groups_test=dataset.groups_test[test],
+    )

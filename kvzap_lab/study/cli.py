@@ -12,12 +12,9 @@ from kvzap_lab import tasks
 from kvzap_lab.cli import non_negative_int, positive_int
 from kvzap_lab.study.config import (
     ACCURACY_TOLERANCE,
-    DEFAULT_CONTEXT_TOKENS,
-    DEFAULT_N_TRIALS,
-    DEFAULT_SAMPLES_PER_TASK,
-    DEFAULT_TASKS,
-    DEFAULT_VERIFY_SAMPLES,
     OBJECTIVES,
+    OTHER_PROFILE,
+    PROFILES,
     REWARD_PENALTY,
     SAMPLERS,
     StudyConfig,
@@ -37,18 +34,29 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _by_model(field: str) -> str:
+    """The profile defaults of a flag, e.g. ``[testbed 64, smollm2-135m 12, other models 64]``."""
+
+    def text(value) -> str:
+        return " ".join(value) if isinstance(value, tuple) else str(value)
+
+    values = [f"{name} {text(getattr(profile, field))}" for name, profile in PROFILES.items()]
+    return f"[{', '.join(values)}, other models {text(getattr(OTHER_PROFILE, field))}]"
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m kvzap_lab.study``."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Optuna search of a scorer's hyper-parameters and the eviction rule (tau, per-layer offsets, "
-        "window), tracked in MLflow. Every option has a default: `--policy mlp` alone runs on the test bed.",
+        "window), tracked in MLflow. Every option has a default: `--policy mlp` alone runs on the test bed. Defaults that "
+        "depend on the model come from its profile (kvzap_lab/study/config.py: PROFILES), printed at the start.",
     )
     p.add_argument("--policy", required=True, help="trainable policy to tune: mlp, linear, gbdt (or a registered "
                    "name, or path/to/file.py:ClassName with a search_space(spec))")
-    p.add_argument("--n-trials", type=positive_int, default=DEFAULT_N_TRIALS, help="finished trials the whole study "
+    p.add_argument("--n-trials", type=positive_int, default=None, help="finished trials the whole study "
                    "should hold, over all its workers and machines (each stops once the study holds that many; a "
-                   f"rerun continues up to it; the first ones are the start points) [{DEFAULT_N_TRIALS}]")
+                   f"rerun continues up to it; the first ones are the start points) {_by_model('n_trials')}")
     p.add_argument("--timeout", type=_seconds, default=None, help="stop starting trials after this many seconds")
     p.add_argument("--study-name", default=None, help="Optuna study (and MLflow experiment) name; reuse it to "
                    "continue a study [<policy>-<model>-<model fingerprint>]")
@@ -67,17 +75,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine (this one and N-1 "
                    "more, each loading the model); other machines run the same command with the same --storage [1]")
     p.add_argument("--model", default="testbed", help="'testbed', a checkpoint directory or a hub name [testbed]")
-    p.add_argument("--tasks", nargs="+", choices=tasks.TASKS, metavar="TASK", default=list(DEFAULT_TASKS), help="evaluation "
-                   f"tasks: {', '.join(tasks.TASKS)} [{' '.join(DEFAULT_TASKS)}: the tasks on which the eviction "
-                   "target is measured; kv_retrieval contexts are all facts, so query-agnostic eviction costs "
-                   "points on it from ~3x on; copy is the oracle's pretext task, not a benchmark]")
-    p.add_argument("--verify-samples", type=non_negative_int, default=DEFAULT_VERIFY_SAMPLES, help="fresh samples per "
+    p.add_argument("--tasks", nargs="+", choices=tasks.TASKS, metavar="TASK", default=None, help="evaluation "
+                   f"tasks: {', '.join(tasks.TASKS)} (the defaults are those on which the eviction target is "
+                   "measured; kv_retrieval contexts are all facts, so query-agnostic eviction costs points on it "
+                   f"from ~3x on; copy is the oracle's pretext task, not a benchmark) {_by_model('tasks')}")
+    p.add_argument("--verify-samples", type=non_negative_int, default=None, help="fresh samples per "
                    "task on which the best point within 1 point of full-cache accuracy is re-checked at the end; 0: "
-                   f"skip [{DEFAULT_VERIFY_SAMPLES}]")
-    p.add_argument("--samples-per-task", type=positive_int, default=DEFAULT_SAMPLES_PER_TASK, help="held-out samples "
-                   f"answered per task and trial [{DEFAULT_SAMPLES_PER_TASK}]")
-    p.add_argument("--context-tokens", type=positive_int, default=DEFAULT_CONTEXT_TOKENS, help="context length of the "
-                   f"samples (and of a collected dataset) [{DEFAULT_CONTEXT_TOKENS}]")
+                   f"skip {_by_model('verify_samples')}")
+    p.add_argument("--samples-per-task", type=positive_int, default=None, help="held-out samples "
+                   f"answered per task and trial {_by_model('samples_per_task')}")
+    p.add_argument("--context-tokens", type=positive_int, default=None, help="context length of the "
+                   f"samples (and of a collected dataset) {_by_model('context_tokens')}")
+    p.add_argument("--chunk-size", type=non_negative_int, default=None, help="prefill chunk of the evaluation in "
+                   "tokens, evicting after each; 0: the whole prompt in one chunk (KVzap's semantics), prefilled once "
+                   f"per batch and shared by the full cache and every trial {_by_model('chunk_size')}")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples answered together "
+                   f"{_by_model('batch_size')}")
+    p.add_argument("--train-rows", type=non_negative_int, default=None, help="training rows drawn (seeded) from the "
+                   "oracle dataset for every fit, held-out rows in the same proportion; 0: all "
+                   f"{_by_model('train_rows')}")
     p.add_argument("--results", type=Path, default=Path("results"), help="local results folder: optuna.db, mlflow.db, "
                    "mlartifacts/, data/ [results]")
     p.add_argument("--data", type=Path, default=None, help="oracle dataset directory (kvzap_lab.collect); collected "

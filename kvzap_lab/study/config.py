@@ -11,17 +11,91 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-DEFAULT_N_TRIALS = 64
 DEFAULT_TASKS = ("single_needle", "multi_key_needle")  # the eviction target's tasks (README)
-DEFAULT_SAMPLES_PER_TASK = 24
-DEFAULT_VERIFY_SAMPLES = 100
-DEFAULT_CONTEXT_TOKENS = 512
-# The oracle dataset collected when none exists yet: the README's recipe (every task of the suite, 300 contexts
-# of 256 tokens, 200 sampled tokens each; ~10 s on the test bed). Scorers fitted on it evict better at 512
-# tokens than ones fitted on 512-token contexts of the evaluation tasks alone (README, "Studies").
-COLLECT_SEQUENCES = 300
-COLLECT_CONTEXT_TOKENS = 256
-COLLECT_TOKENS_PER_SEQUENCE = 200
+
+
+@dataclass(frozen=True)
+class Collection:
+    """The oracle dataset a study collects on first use (when ``--data`` holds none): ``python -m
+    kvzap_lab.collect --tasks all`` with these counts (contexts at most the study's ``context_tokens`` long)."""
+
+    sequences: int
+    context_tokens: int
+    tokens_per_sequence: int
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """The study defaults that depend on the model: every field but ``collection`` and ``note`` is a
+    :class:`StudyConfig` field (and a flag) that overrides it. Printed when a study starts."""
+
+    n_trials: int
+    tasks: tuple[str, ...]
+    samples_per_task: int
+    verify_samples: int
+    context_tokens: int
+    chunk_size: int  # prefill chunk of the evaluation; 0: one chunk, prefilled once and shared by every trial
+    batch_size: int
+    train_rows: int  # training rows drawn (seeded) from the dataset for every fit; 0: all of them
+    collection: Collection
+    note: str
+
+    def describe(self, name: str) -> str:
+        """One line: the profile's values and why."""
+        c = self.collection
+        prefill = "one chunk, prefilled once per batch and shared by every trial" if self.chunk_size == 0 else f"chunks of {self.chunk_size} tokens"
+        return (
+            f"model profile {name!r} (flags override): {self.n_trials} trials, tasks {' '.join(self.tasks)}, "
+            f"{self.samples_per_task} samples per task of {self.context_tokens} tokens in batches of {self.batch_size}, "
+            f"prefill in {prefill}, {self.verify_samples} verification samples per task, "
+            f"{'all' if not self.train_rows else self.train_rows} training rows; first-use dataset: "
+            f"{c.sequences} task contexts of {c.context_tokens} tokens, {c.tokens_per_sequence} rows each. {self.note}"
+        )
+
+
+# The test bed's defaults are the README's main job (its seeded results are pinned): 64 trials on 24 samples per
+# task at 512 tokens, chunked prefill (evicting after every 128 tokens), and the README's recipe for the data
+# (every task of the suite, 300 contexts of 256 tokens, 200 sampled tokens each; ~10 s): scorers fitted on it
+# evict better at 512 tokens than ones fitted on 512-token contexts of the evaluation tasks alone (README).
+TESTBED_PROFILE = ModelProfile(
+    n_trials=64, tasks=DEFAULT_TASKS, samples_per_task=24, verify_samples=100, context_tokens=512, chunk_size=128,
+    batch_size=128, train_rows=0, collection=Collection(sequences=300, context_tokens=256, tokens_per_sequence=200),
+    note="The README's main job.",
+)
+PROFILES = {
+    "testbed": TESTBED_PROFILE,
+    # SmolLM2-135M on 2 CPU cores: a prefill of one 512-token sample costs seconds, an MLP fit of 30 layers
+    # ~1 TFLOP per 8k rows and 15 epochs. KVzap's one-chunk prefill (full prefill attention, eviction after it)
+    # lets every trial and the full cache branch from one prefill per batch; the 7 start points share one fit;
+    # few samples and trials; a subsample of the (e.g. 112k-row) dataset; a small first-use dataset. Sizes
+    # chosen, not yet timed end to end (the one attempt ran on a saturated machine).
+    "smollm2-135m": ModelProfile(
+        n_trials=12, tasks=DEFAULT_TASKS, samples_per_task=8, verify_samples=16, context_tokens=512, chunk_size=0,
+        batch_size=8, train_rows=8192, collection=Collection(sequences=64, context_tokens=512, tokens_per_sequence=128),
+        note="Sized for SmolLM2-135M on 2 CPU cores.",
+    ),
+}
+# Any other model (a hub name or a checkpoint, on a GPU box): the test bed's search sizes with KVzap's one-chunk
+# prefill, shared by every trial, in batches of 8.
+OTHER_PROFILE = ModelProfile(
+    n_trials=64, tasks=DEFAULT_TASKS, samples_per_task=24, verify_samples=100, context_tokens=512, chunk_size=0,
+    batch_size=8, train_rows=0, collection=TESTBED_PROFILE.collection, note="The default for models without a profile of their own.",
+)
+
+
+PROFILE_FIELDS = ("n_trials", "tasks", "samples_per_task", "verify_samples", "context_tokens", "chunk_size", "batch_size",
+                  "train_rows")
+
+
+def profile_for(model: str) -> tuple[str, ModelProfile]:
+    """``(name, profile)`` of a ``--model`` value: its own profile (by :func:`kvzap_lab.model.model_name`), else
+    ``("other", OTHER_PROFILE)``."""
+    from kvzap_lab.model import model_name
+
+    name = model_name(model)
+    return (name, PROFILES[name]) if name in PROFILES else ("other", OTHER_PROFILE)
+
+
 EVAL_SEED_OFFSET = 10_000  # evaluation samples never coincide with the collect step's contexts (seeds 0..)
 VERIFY_SEED_OFFSET = 20_000  # nor with the verification samples
 ACCURACY_TOLERANCE = 0.01  # "within 1 point of full-cache accuracy"
@@ -50,6 +124,8 @@ class StudyConfig:
             ``path/to/file.py:ClassName``).
         n_trials: finished (complete or pruned) trials the study should hold, counted over the whole study:
             every worker of every machine stops once the study holds that many, and a rerun continues up to it.
+            This and the other fields marked *profile* default to the model's :class:`ModelProfile`
+            (:data:`PROFILES`; None: the profile's value).
         timeout: seconds after which this process starts no new trial (None: no limit).
         study_name: Optuna study and MLflow experiment (default ``<policy>-<model>-<fingerprint>``).
         storage: Optuna RDB URL (default ``sqlite:///<results>/optuna.db``).
@@ -61,10 +137,17 @@ class StudyConfig:
         workers: processes on this machine (this one and ``workers - 1`` started by it).
         worker_index: offsets the sampler's seed; one per machine sharing a storage.
         model: ``testbed``, a checkpoint directory or a hub name.
-        tasks: evaluation tasks (``kvzap_lab.tasks.TASKS``).
-        samples_per_task: held-out samples answered per task and trial.
-        verify_samples: fresh samples per task on which the best point within 1 point is re-checked (0: skip).
-        context_tokens: context length of the samples (and of a dataset collected on first use).
+        tasks: evaluation tasks (``kvzap_lab.tasks.TASKS``; *profile*).
+        samples_per_task: held-out samples answered per task and trial (*profile*).
+        verify_samples: fresh samples per task on which the best point within 1 point is re-checked (0: skip;
+            *profile*).
+        context_tokens: context length of the samples (and of a dataset collected on first use; *profile*).
+        chunk_size: prefill chunk of the evaluation in tokens, evicting after each; 0: the whole prompt in one
+            chunk (KVzap's semantics), prefilled once per batch and shared by the full cache and every trial
+            (*profile*).
+        batch_size: samples answered together (*profile*).
+        train_rows: training rows drawn (seeded) from the oracle dataset for every fit, and held-out rows in
+            the same proportion; 0: all (*profile*).
         results: local results folder (the sqlite stores, MLflow artifacts, collected data).
         data: oracle dataset directory (default ``<results>/data/<model>``; collected there if missing).
         space: ``--space`` overrides, ``NAME=LOW:HIGH``, ``NAME=A,B,C`` or ``NAME=VALUE``.
@@ -75,7 +158,7 @@ class StudyConfig:
     """
 
     policy: str
-    n_trials: int = DEFAULT_N_TRIALS
+    n_trials: int | None = None
     timeout: float | None = None
     study_name: str | None = None
     storage: str | None = None
@@ -86,10 +169,13 @@ class StudyConfig:
     workers: int = 1
     worker_index: int = 0
     model: str = "testbed"
-    tasks: tuple[str, ...] = DEFAULT_TASKS
-    samples_per_task: int = DEFAULT_SAMPLES_PER_TASK
-    verify_samples: int = DEFAULT_VERIFY_SAMPLES
-    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    tasks: tuple[str, ...] | None = None
+    samples_per_task: int | None = None
+    verify_samples: int | None = None
+    context_tokens: int | None = None
+    chunk_size: int | None = None
+    batch_size: int | None = None
+    train_rows: int | None = None
     results: Path = Path("results")
     data: Path | None = None
     space: tuple[str, ...] = ()
@@ -101,14 +187,19 @@ class StudyConfig:
     def __post_init__(self) -> None:
         from kvzap_lab import tasks
 
+        profile = self.profile()[1]
+        for name in PROFILE_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(profile, name))
         self.tasks, self.space = tuple(self.tasks), tuple(self.space)
         self.results = Path(self.results)
         self.data = None if self.data is None else Path(self.data)
-        for name in ("n_trials", "workers", "samples_per_task", "context_tokens", "heartbeat_interval", "grace_period"):
+        for name in ("n_trials", "workers", "samples_per_task", "context_tokens", "batch_size", "heartbeat_interval", "grace_period"):
             if getattr(self, name) < 1:
                 raise StudyError(f"{name} must be an int >= 1; got {getattr(self, name)}")
-        if self.verify_samples < 0 or self.worker_index < 0:
-            raise StudyError(f"verify_samples and worker_index must be >= 0; got {self.verify_samples}, {self.worker_index}")
+        if min(self.verify_samples, self.worker_index, self.chunk_size, self.train_rows) < 0:
+            raise StudyError(f"verify_samples, worker_index, chunk_size and train_rows must be >= 0; got "
+                             f"{self.verify_samples}, {self.worker_index}, {self.chunk_size}, {self.train_rows}")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise StudyError(f"timeout must be a number of seconds > 0; got {self.timeout}")
         if self.objectives not in OBJECTIVES:
@@ -127,6 +218,10 @@ class StudyConfig:
         if self.workers > 1 and self.parent_run_id:
             raise StudyError("parent_run_id is for the worker processes that workers > 1 starts")
 
+    def profile(self) -> tuple[str, ModelProfile]:
+        """``(name, profile)`` of this study's model (see :func:`profile_for`)."""
+        return profile_for(self.model)
+
     def storage_url(self) -> str:
         """The Optuna storage URL (default: a sqlite file in ``results``)."""
         return self.storage or f"sqlite:///{self.results.resolve() / 'optuna.db'}"
@@ -143,15 +238,20 @@ class StudyConfig:
             "tasks": list(self.tasks),
             "context_tokens": self.context_tokens,
             "samples_per_task": self.samples_per_task,
+            "chunk_size": self.chunk_size,
+            "batch_size": self.batch_size,
+            "train_rows": self.train_rows,
             "eval_seed": EVAL_SEED_OFFSET + self.seed,
             "objectives": self.objectives,
         }
 
     def to_argv(self) -> list[str]:
-        """The command-line flags that rebuild this config (what ``workers`` passes to its processes)."""
-        argv = []
+        """The command-line flags that rebuild this config (what ``workers`` passes to its processes): those whose
+        value differs from its default (the model profile's, for the profile's fields)."""
+        argv, profile = [], self.profile()[1]
         for field in fields(self):
-            value, default = getattr(self, field.name), field.default
+            value = getattr(self, field.name)
+            default = getattr(profile, field.name) if field.name in PROFILE_FIELDS else field.default
             flag = "--" + field.name.replace("_", "-")
             if value == default and field.name != "policy":
                 continue

@@ -1,5 +1,12 @@
-"""Running trials until the study holds enough: the trial loop shared by every worker, the worker processes of
-``--workers N``, and the named points where a test can make a study kill itself.
+"""Running trials until the study holds enough: the trial loop shared by every worker and the worker processes of
+``--workers N``.
+
+A study's named phases, where a test makes the process kill itself (:func:`kvzap_lab.faults.kill_point`,
+``KVZAP_LAB_KILL_AT=NAME[:N]``) or hold until others got there (:func:`kvzap_lab.faults.barrier`,
+``KVZAP_LAB_BARRIER=NAME:N:DIR``, at a process's first call): ``study.create`` (before the study is created or
+loaded; a barrier point), ``study.created`` (created, start points not yet queued), ``study.start_point`` (after
+each queued start point), ``study.trial`` (each trial, its scorer fitted; a barrier point) and ``study.verify``
+(before the verification's scorer is fitted).
 
 ``--n-trials`` counts finished (complete or pruned) trials of the whole study: each worker, on this machine or
 another, starts a trial only while finished + running trials are fewer than it, and waits while the missing
@@ -9,37 +16,13 @@ ones run elsewhere (so N workers finish with n_trials to n_trials + N - 1 trials
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections import Counter
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from kvzap_lab.study.config import MAX_CONSECUTIVE_FAILURES, StudyConfig, StudyError
-
-KILL_ENV = "KVZAP_STUDY_KILL_AT"  # tests: "PHASE" or "PHASE:N" kills this process the N-th time it reaches PHASE
-BARRIER_ENV = "KVZAP_STUDY_BARRIER"  # tests: "PHASE:N:DIR" holds each process at PHASE until N processes reached it
-_reached: Counter = Counter()
-
-
-def checkpoint(phase: str) -> None:
-    """A named phase of a study (``create``, ``created``, ``start_point``, ``trial``, ``verify``), where a test
-    can make the process kill itself with SIGKILL (``KVZAP_STUDY_KILL_AT=PHASE[:N]``: the N-th time it gets
-    here) or hold it until N processes got here (``KVZAP_STUDY_BARRIER=PHASE:N:DIR``, each leaving a file in
-    DIR): kill -9 and concurrent starts at a chosen point, never a race against the clock."""
-    _reached[phase] += 1
-    name, _, count = os.environ.get(KILL_ENV, "").partition(":")
-    if name == phase and _reached[phase] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-    barrier = os.environ.get(BARRIER_ENV, "").split(":", 2)
-    if barrier[0] == phase and _reached[phase] == 1:
-        folder = Path(barrier[2])
-        (folder / str(os.getpid())).touch()
-        while len(list(folder.iterdir())) < int(barrier[1]):
-            time.sleep(0.05)
 
 
 def optimize(study, objective, target: int, timeout: float | None, fail_stale, poll_s: float = 1.0) -> None:

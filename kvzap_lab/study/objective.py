@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kvzap_lab.faults import barrier, kill_point
 from kvzap_lab.policy import Policy
 from kvzap_lab.studies import rule as rule_space
 from kvzap_lab.studies.space import suggest
 from kvzap_lab.study.bench import Bench
-from kvzap_lab.study.lifecycle import checkpoint
 from kvzap_lab.study.metrics import operating_point, reward
 from kvzap_lab.study.report import trial_plot
 from kvzap_lab.study.search import SearchSpace
@@ -70,7 +70,8 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
             scorer, policy_ = fit_trial_policy(policy, factory, space, bench, values | rule_values, seed)
-            checkpoint("trial")
+            kill_point("study.trial")
+            barrier("study.trial")
             fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy())
             train_seconds = time.perf_counter() - started
             per_task = {}

@@ -15,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from kvzap_lab import tasks
+from kvzap_lab.faults import barrier, kill_point
 from kvzap_lab.studies.space import describe as describe_space
 from kvzap_lab.study import lifecycle, resume, storage
-from kvzap_lab.study.bench import Bench, default_data_dir, load_data, model_name
+from kvzap_lab.study.bench import Bench, default_data_dir, load_data
 from kvzap_lab.study.config import EVAL_SEED_OFFSET, StudyConfig, StudyError
 from kvzap_lab.study.objective import make_objective
 from kvzap_lab.study.report import log_summary, summarize
@@ -79,7 +80,7 @@ def _run(config: StudyConfig) -> dict | None:
     import optuna
 
     from kvzap_lab import data as datasets
-    from kvzap_lab.model import describe, fingerprint, load_model
+    from kvzap_lab.model import describe, fingerprint, load_model, model_name
 
     for logger in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(logger).setLevel(logging.WARNING)
@@ -100,19 +101,24 @@ def _run(config: StudyConfig) -> dict | None:
     sampler_seed = config.seed + 1000 * config.worker_index
     sampler = make_sampler(config.sampler, sampler_seed)
 
+    profile_name, profile = config.profile()
+    if config.parent_run_id is None:
+        print(profile.describe(profile_name), file=sys.stderr)
     model, tokenizer = load_model(config.model)
     spec = describe(model)
     fp = fingerprint(model)
     short = f"{model_name(config.model)}-{fp[:8]}"  # a retrained model gets its own data and studies
     data_dir = config.data or default_data_dir(results, model_name(config.model), fp, short)
-    dataset = load_data(model, tokenizer, model_name(config.model), data_dir, config.context_tokens, config.seed)
+    dataset = load_data(model, tokenizer, model_name(config.model), data_dir, profile.collection, config.context_tokens,
+                        config.seed, config.train_rows)
     space = build_space(config.policy, factory, spec, dataset.y_train.numpy(), config.space)
     points, skipped = start_points(space, spec, dataset.y_train.numpy()) if config.baseline else ([], [])
 
     policy_name = getattr(factory, "policy_name", config.policy)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if config.objectives == "reward" else optuna.pruners.NopPruner()
     name = config.study_name or f"{policy_name}-{short}"
-    lifecycle.checkpoint("create")
+    kill_point("study.create")
+    barrier("study.create")
     with storage.creation_lock(storage_url):
         store = storage.open_storage(storage_url, config.heartbeat_interval, config.grace_period, stale_trial_callback(tracking_uri))
         study, created = storage.open_study(store, name, config.identity(policy_name, fp), config.objectives, sampler, pruner, points)
@@ -130,7 +136,7 @@ def _run(config: StudyConfig) -> dict | None:
     study.set_user_attr("space", {"scorer": describe_space(space.scorer), "rule": describe_space(space.rule), "fixed": space.fixed})
 
     samples = {t: tasks.make_samples(t, tokenizer, config.samples_per_task, config.context_tokens, EVAL_SEED_OFFSET + config.seed) for t in config.tasks}
-    bench = Bench(model, tokenizer, spec, dataset, samples, tokenizer.convert_tokens_to_ids(tasks.END))
+    bench = Bench(model, tokenizer, spec, dataset, samples, config.chunk_size, config.batch_size)
     full = full_cache_accuracy(study, bench, list(config.tasks))
     full_mean = float(np.mean(list(full.values())))
 

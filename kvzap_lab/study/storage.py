@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
+from kvzap_lab.faults import kill_point
 from kvzap_lab.study.config import OBJECTIVES, StudyError
-from kvzap_lab.study.lifecycle import checkpoint
 
 SERVICE_TIMEOUT_S = 5
 START_POINTS_DONE = "start_points_queued"  # study user attribute: every start point is queued
@@ -164,7 +164,7 @@ def open_study(storage, name: str, identity: dict, objectives: str, sampler, pru
     study = optuna.create_study(
         study_name=name, storage=storage, directions=list(directions), sampler=sampler, pruner=pruner, load_if_exists=True
     )
-    checkpoint("created")
+    kill_point("study.created")
     stored = study.user_attrs.get("identity")
     wanted_dirs = [optuna.study.StudyDirection[d.upper()] for d in directions]
     created = stored is None and not study.trials and study.directions == wanted_dirs  # new (or created empty by a crash)
@@ -203,5 +203,5 @@ def queue_start_points(study, points: list[tuple[dict, str]]) -> None:
             present[key(params)] -= 1
             continue
         study.enqueue_trial(params, user_attrs={"baseline": kind})
-        checkpoint("start_point")
+        kill_point("study.start_point")
     study.set_user_attr(START_POINTS_DONE, True)

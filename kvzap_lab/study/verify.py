@@ -3,15 +3,13 @@ flatters it, and this measures by how much."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 from tqdm.auto import tqdm
 
 from kvzap_lab import tasks
+from kvzap_lab.faults import kill_point
 from kvzap_lab.study.bench import Bench
 from kvzap_lab.study.config import TARGET_COMPRESSION, VERIFY_SEED_OFFSET
-from kvzap_lab.study.lifecycle import checkpoint
 from kvzap_lab.study.metrics import operating_point, within_tolerance
 from kvzap_lab.study.objective import fit_trial_policy
 from kvzap_lab.study.search import SearchSpace
@@ -28,15 +26,13 @@ def verify_best(study, row: dict | None, policy: str, factory, space: SearchSpac
     key, done = f"{row['trial']}:{samples}", dict(study.user_attrs.get("verified", {}))
     if key not in done:
         fresh_seed = VERIFY_SEED_OFFSET + seed
-        fresh = replace(bench, samples={
-            t: tasks.make_samples(t, bench.tokenizer, samples, context_tokens, fresh_seed) for t in task_names
-        })
+        fresh = bench.with_samples({t: tasks.make_samples(t, bench.tokenizer, samples, context_tokens, fresh_seed) for t in task_names})
         full_key = f"verify_full_cache_accuracy:{samples}"
         full = study.user_attrs.get(full_key)
         if full is None:
             full = {t: fresh.run(None, t)["accuracy"] for t in tqdm(task_names, desc="verify: full cache")}
             study.set_user_attr(full_key, full)
-        checkpoint("verify")
+        kill_point("study.verify")
         _, checked = fit_trial_policy(policy, factory, space, fresh, row["params"], seed)
         per_task = {t: fresh.run(checked, t) for t in tqdm(task_names, desc=f"verify: trial {row['trial']}")}
         full_mean = float(np.mean(list(full.values())))

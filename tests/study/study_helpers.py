@@ -1,13 +1,16 @@
 """Fixtures and helpers of the study tests (imported by each test file: a second conftest.py would shadow
 tests/conftest.py for ``import conftest``): a tiny random Llama with a tiny oracle dataset, a ready MLflow
-store, study arguments on the tiny model, the command run in-process, and readers of both stores."""
+store, study arguments on the tiny model, the command run in-process or in processes of its own (forked from a
+server that imported everything once), and readers of both stores."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import optuna
@@ -18,6 +21,7 @@ from optuna.trial import TrialState
 from kvzap_lab import cli, collect
 from kvzap_lab.model import fingerprint, random_tiny_model
 from kvzap_lab.study import cli as study_cli
+from kvzap_lab.study import runner  # noqa: F401  (imported by the fork server, with what it imports)
 from kvzap_lab.testbed import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,8 +48,9 @@ def _make_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    argv = ["--model", str(root / "model"), "--out", str(root / "data"), "--tasks", "single_needle,copy",
-            "--n-sequences", "8", "--context-tokens", "40", "--tokens-per-sequence", "16"]
+    argv = ["--model", str(root / "model"), "--out", str(root / "data"), "--tasks", "single_needle", "copy",
+            "--n-sequences", "8", "--context-tokens", "40", "--tokens-per-sequence", "16",
+            "--dtype", "float32", "--shard-size", "16", "--batch-size", "8"]  # the test bed's storage (pinned study)
     assert collect.main(argv) == 0
     return root / "model", root / "data", model
 
@@ -74,6 +79,43 @@ def args_for(tiny, results: Path, *extra: str, template: Path | None = None) -> 
 def run_cli(argv: list[str]) -> int:
     """``python -m kvzap_lab.study ARGV`` in this process: its exit code (2 and one line for bad input)."""
     return cli.run(study_cli.main, argv, prog=study_cli.PROG)
+
+
+# What a study imports on its way, imported once by the fork server: each study process then starts at once.
+PRELOAD = ["study_helpers", "torch", "transformers", "sklearn.ensemble", "matplotlib.pyplot", "mlflow",
+           "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+           "optuna.storages", "kvzap_lab.evaluate", "kvzap_lab.engine", "kvzap_lab.policies.kvzap_mlp"]
+
+
+def start_study(argv: list[str], env: dict, log: Path) -> multiprocessing.Process:
+    """``python -m kvzap_lab.study ARGV`` in a process of its own with environment ``env`` (its output in
+    ``log``), forked from multiprocessing's fork server, which has imported the study once (``PRELOAD``): a real
+    process that a kill point ends with SIGKILL and that races others for a new store, without paying ~10 s of
+    imports each time. Its ``exitcode`` after ``join()``: the command's (``-9``: killed)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    process = context.Process(target=_study_main, args=(argv, env, str(log)))
+    process.start()
+    return process
+
+
+def _study_main(argv: list[str], env: dict, log: str) -> None:
+    import torch
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    sys.exit(run_cli(argv))
+
+
+def run_study(argv: list[str], env: dict, log: Path) -> int:
+    """:func:`start_study`, then its exit code."""
+    process = start_study(argv, env, log)
+    process.join()
+    return process.exitcode
 
 
 def default_name(tiny) -> str:

@@ -124,7 +124,7 @@ def test_verification_rechecks_the_pick_on_samples_of_another_seed(monkeypatch):
     monkeypatch.setattr(verify.tasks, "make_samples", make_samples)
     monkeypatch.setattr(Bench, "run", run)
     monkeypatch.setattr(verify, "fit_trial_policy", lambda policy, factory, space, bench, params, seed: (None, ("policy", params["tau"], seed)))
-    bench = Bench(None, None, None, None, {"a": [0], "b": [0]}, 0)
+    bench = Bench(None, None, None, None, {"a": [0], "b": [0]}, 0, 1)
     study = optuna.create_study()
     row = {"trial": 7, "params": {"tau": -3.0}}
     space = SearchSpace({}, {}, {})
@@ -149,5 +149,5 @@ def test_verification_counts_a_drop_of_exactly_one_point_as_met(monkeypatch):
     monkeypatch.setattr(Bench, "run", lambda self, policy, task: {"accuracy": 1.0 if policy is None else 0.99, "compression": 0.8})
     monkeypatch.setattr(verify, "fit_trial_policy", lambda *a: (None, "p"))
     checked = verify.verify_best(optuna.create_study(), {"trial": 0, "params": {}}, "mlp", None, SearchSpace({}, {}, {}),
-                                 Bench(None, None, None, None, {}, 0), task_names=["a", "b"], samples=100, context_tokens=40, seed=0)
+                                 Bench(None, None, None, None, {}, 0, 1), task_names=["a", "b"], samples=100, context_tokens=40, seed=0)
     assert checked["accuracy_drop"] == pytest.approx(0.01) and checked["target_met"]

@@ -1,7 +1,7 @@
 """Reliability: studies started at once on a new store (sqlite; PostgreSQL in CI), kill -9 at each phase of a
 study followed by a rerun that ends with the trials of an uninterrupted run, dead workers found at once on this
 host, and MLflow runs of dead workers ended. Every kill is the child stopping itself at a named phase
-(``KVZAP_STUDY_KILL_AT``) and every overlap a barrier (``KVZAP_STUDY_BARRIER``): no race against the clock."""
+(``KVZAP_LAB_KILL_AT``, :func:`kvzap_lab.faults.kill_point`) and every overlap a barrier (``KVZAP_LAB_BARRIER``): no race against the clock."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from study_helpers import ENV, REPO, args_for, default_name, finished_set, mlflow_template, run_cli, runs_of, tiny, trials_of  # noqa: F401
+from study_helpers import ENV, args_for, default_name, finished_set, mlflow_template, run_cli, run_study, runs_of, start_study, tiny, trials_of  # noqa: F401
 
+from kvzap_lab import faults
 from kvzap_lab.study import lifecycle, resume, storage
 from kvzap_lab.study.tracking import stale_trial_callback
 
@@ -27,8 +28,15 @@ from kvzap_lab.study.tracking import stale_trial_callback
 # sampled trials: every phase of a study in four trials. The grace period is long: within a test, only the
 # dead-process check can fail a killed worker's trial.
 KILL_ARGS = ("--space", "tau=-7.5:-5.5", "--n-trials", "4", "--grace-period", "3600")
-def study_command(argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "kvzap_lab.study", *argv]
+
+
+def run_together(argv: list[str], env: dict, folder) -> None:
+    """Two study processes started at once (``env`` holds them at a barrier); both must succeed."""
+    logs = [folder / f"study-{i}.log" for i in range(2)]
+    procs = [start_study(argv, env, log) for log in logs]
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0], [log.read_text()[-3000:] for log in logs]
 
 
 def postgres_url() -> str:
@@ -147,15 +155,15 @@ def test_kill_9_at_every_phase_in_turn_ends_with_the_uninterrupted_trials(tiny, 
     states = lambda: [t.state for t in trials_of(results, default_name(tiny))]  # noqa: E731
     C, R, W, F = TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL
     after_each_kill = [
-        ("created", []),  # the study exists, nothing queued yet
-        ("start_point:1", [W]),  # one start point of two queued
-        ("trial:2", [C, R]),  # the second start point queued by this run; killed in its trial
-        ("trial:2", [C, F, C, R]),  # the dead trial failed at once, run again; killed in the first sampled trial
-        ("verify", [C, F, C, F, C, C]),  # the same, then the last sampled trial; killed while verifying
+        ("study.created", []),  # the study exists, nothing queued yet
+        ("study.start_point:1", [W]),  # one start point of two queued
+        ("study.trial:2", [C, R]),  # the second start point queued by this run; killed in its trial
+        ("study.trial:2", [C, F, C, R]),  # the dead trial failed at once, run again; killed in the first sampled trial
+        ("study.verify", [C, F, C, F, C, C]),  # the same, then the last sampled trial; killed while verifying
     ]
     for phase, expected_states in after_each_kill:
-        killed = subprocess.run(study_command(argv), cwd=REPO, env=ENV | {lifecycle.KILL_ENV: phase}, capture_output=True, text=True)
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        log = tmp_path / f"killed-{len(list(tmp_path.glob('killed-*')))}.log"
+        assert run_study(argv, ENV | {faults.ENV_VAR: phase}, log) == -signal.SIGKILL, log.read_text()[-3000:]
         assert states() == expected_states, phase
     study = optuna.load_study(study_name=default_name(tiny), storage=storage_url)
     assert "verified" not in study.user_attrs and study.user_attrs[storage.START_POINTS_DONE]
@@ -195,11 +203,8 @@ def check_started_once(trials: list, n_trials: int) -> None:
 def test_two_studies_started_at_once_on_a_new_sqlite_store(tiny, tmp_path):
     results = tmp_path / "results"  # nothing there: both stores are new, their schemas created by one process
     (tmp_path / "barrier").mkdir()
-    env = ENV | {lifecycle.BARRIER_ENV: f"create:2:{tmp_path / 'barrier'}"}  # both reach creation before either goes on
-    argv = study_command(args_for(tiny, results, "--n-trials", "2", "--verify-samples", "0"))
-    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    env = ENV | {faults.BARRIER_ENV: f"study.create:2:{tmp_path / 'barrier'}"}  # both reach creation before either goes on
+    run_together(args_for(tiny, results, "--n-trials", "2", "--verify-samples", "0"), env, tmp_path)
     check_started_once(trials_of(results, default_name(tiny)), 2)
     parents, _ = runs_of(f"sqlite:///{results / 'mlflow.db'}", default_name(tiny))
     assert len(parents) == 2 and len(MlflowClient(f"sqlite:///{results / 'mlflow.db'}").search_experiments()) == 2  # Default + the study
@@ -209,13 +214,10 @@ def test_two_studies_started_at_once_on_a_new_sqlite_store(tiny, tmp_path):
 def test_two_studies_started_at_once_on_a_new_postgres_store(tiny, tmp_path):
     url = new_postgres_schema(postgres_url())
     (tmp_path / "barrier").mkdir()
-    env = ENV | {lifecycle.BARRIER_ENV: f"create:2:{tmp_path / 'barrier'}"}
+    env = ENV | {faults.BARRIER_ENV: f"study.create:2:{tmp_path / 'barrier'}"}
     name = f"pg-{uuid.uuid4().hex[:8]}"
-    argv = study_command(args_for(tiny, tmp_path / "results", "--n-trials", "2", "--verify-samples", "0",
-                                  "--storage", url, "--study-name", name))
-    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    run_together(args_for(tiny, tmp_path / "results", "--n-trials", "2", "--verify-samples", "0", "--storage", url,
+                          "--study-name", name), env, tmp_path)
     check_started_once(optuna.load_study(study_name=name, storage=url).get_trials(), 2)
 
 

@@ -12,12 +12,15 @@ import pytest
 from optuna.trial import TrialState
 from study_helpers import tiny  # noqa: F401  (fixture)
 
+import torch
+
+from kvzap_lab.data import Dataset
 from kvzap_lab.model import describe, fingerprint
 from kvzap_lab.studies import rule
 from kvzap_lab.studies.space import Choice, Float, Int, SpaceError, check_space, contains, override, suggest
 from kvzap_lab.study import StudyConfig, StudyError, cli, storage
-from kvzap_lab.study.bench import default_data_dir
-from kvzap_lab.study.config import CALIBRATED_EVICTION
+from kvzap_lab.study.bench import default_data_dir, load_data, subsample
+from kvzap_lab.study.config import CALIBRATED_EVICTION, OTHER_PROFILE, PROFILE_FIELDS, PROFILES, profile_for
 from kvzap_lab.study.search import SearchSpace, build_space, start_points, trainable_factory
 
 
@@ -114,6 +117,26 @@ def test_custom_policy_declares_its_space_next_to_its_class(tiny, tmp_path):
     assert mlp.baseline(-7.0)["width"] == spec.hidden_size // 8 and mlp.baseline(-7.0)["tau"] == -7.0
 
 
+def test_train_rows_draw_a_seeded_subsample_with_held_out_rows_in_proportion(tiny):
+    def rows(n: int, start: int) -> dict:
+        ids = torch.arange(start, start + n)
+        return {"X": ids.view(n, 1, 1).expand(n, 2, 3).to(torch.bfloat16), "y": ids.view(n, 1, 1).expand(n, 2, 1).float(), "groups": ids}
+
+    train, test = rows(100, 0), rows(20, 1000)
+    full = Dataset(train["X"], train["y"], test["X"], test["y"], {}, train["groups"], test["groups"])
+    small = subsample(full, 10, seed=3)
+    assert (len(small.y_train), len(small.y_test)) == (10, 2) and small.X_train.dtype == torch.float32
+    kept = small.groups_train
+    assert torch.equal(kept, kept.sort().values) and len(set(kept.tolist())) == 10  # distinct rows, in order
+    assert torch.equal(small.X_train[:, 0, 0], kept.float()) and torch.equal(small.y_train[:, 1, 0], kept.float())
+    assert torch.equal(small.groups_test, subsample(full, 10, seed=3).groups_test)  # seeded
+    assert not torch.equal(kept, subsample(full, 10, seed=4).groups_train)
+    assert len(subsample(full, 500, seed=0).y_train) == 100  # at most what there is
+    _, data_dir, model = tiny
+    whole, part = (load_data(model, None, "model", data_dir, None, 40, 0, rows) for rows in (0, 16))
+    assert whole.X_train.dtype == part.X_train.dtype == torch.float32 and len(part.y_train) == 16 < len(whole.y_train)
+
+
 def test_default_data_dir_reuses_collect_output_unless_it_is_another_models(tiny, tmp_path):
     _, data_dir, model = tiny
     fp = fingerprint(model)
@@ -132,7 +155,7 @@ def test_config_checks_its_values_and_round_trips_through_the_command_line():
     assert StudyConfig(policy="mlp").to_argv() == ["--policy", "mlp"]
     assert StudyConfig(policy="mlp").identity("kvzap_mlp", "f" * 16) == {
         "policy": "kvzap_mlp", "model": "f" * 16, "tasks": ["single_needle", "multi_key_needle"], "context_tokens": 512,
-        "samples_per_task": 24, "eval_seed": 10_000, "objectives": "pareto"}
+        "samples_per_task": 24, "chunk_size": 128, "batch_size": 128, "train_rows": 0, "eval_seed": 10_000, "objectives": "pareto"}
     bad = [
         ({"sampler": "cmaes"}, "--sampler cmaes optimises one objective; --objectives pareto has 2: use --sampler tpe, nsga2, random"),
         ({"sampler": "grid"}, "sampler must be one of tpe, nsga2, random, cmaes"),
@@ -147,6 +170,23 @@ def test_config_checks_its_values_and_round_trips_through_the_command_line():
             StudyConfig(policy="mlp", **change)
     for sampler in ("tpe", "nsga2", "random"):  # several objectives
         StudyConfig(policy="mlp", sampler=sampler)
+
+
+def test_the_model_profile_gives_the_defaults_and_flags_override_them():
+    smol, profile = StudyConfig(policy="mlp", model="smollm2-135m"), PROFILES["smollm2-135m"]
+    assert [getattr(smol, name) for name in PROFILE_FIELDS] == [getattr(profile, name) for name in PROFILE_FIELDS]
+    assert smol.chunk_size == 0 and smol.n_trials < StudyConfig(policy="mlp").n_trials  # shared prefills, few trials
+    assert profile_for("testbed") == ("testbed", PROFILES["testbed"]) and profile_for("runs/model") == ("other", OTHER_PROFILE)
+    override = StudyConfig(policy="mlp", model="smollm2-135m", n_trials=3, chunk_size=128)
+    assert (override.n_trials, override.chunk_size, override.batch_size) == (3, 128, profile.batch_size)
+    # the workers get the overrides only: they resolve the same profile
+    assert override.to_argv() == ["--policy", "mlp", "--n-trials", "3", "--model", "smollm2-135m", "--chunk-size", "128"]
+    assert cli.config_from_args(cli.parser().parse_args(override.to_argv())) == override
+    assert f"smollm2-135m {profile.n_trials}" in " ".join(cli.parser().format_help().split())  # --help names them
+    assert "one chunk, prefilled once per batch and shared by every trial" in profile.describe("smollm2-135m")
+    for name in ("chunk_size", "train_rows"):
+        with pytest.raises(StudyError, match="chunk_size and train_rows must be >= 0; got .*-1"):
+            StudyConfig(policy="mlp", **{name: -1})
 
 
 def test_creation_queues_the_start_points_once_and_completes_a_killed_creator():
