@@ -2,6 +2,7 @@
 seconds, and scorer FLOPs per token as a fraction of the model's linear-projection FLOPs per token.
 
     python benchmarks/surrogate_fit.py --data DATA_DIR [--model testbed] [--json]
+    python benchmarks/surrogate_fit.py --data DATA_DIR --model smollm2-135m --layers 0 6 12 18 24 29 --scorers linear gbdt
     python benchmarks/surrogate_fit.py --synthetic 50000          # no oracle dataset needed
 
 Every scorer is trained in this one run, on the same rows, so the time ratios are comparable.
@@ -10,11 +11,13 @@ Every scorer is trained in this one run, on the same rows, so the time ratios ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from kvzap_lab.model import MODEL_HELP, load_model
 from kvzap_lab.surrogate import projection_flops_per_token, synthetic_split
-from kvzap_lab.train import _load_dataset, fit_and_evaluate
+from kvzap_lab.data import load_dataset
+from kvzap_lab.train import fit_and_evaluate
 
 SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}}
 
@@ -26,21 +29,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     source.add_argument("--synthetic", type=int, metavar="N", help="use N synthetic rows (hidden 128, 4 layers, 2 KV heads)")
     parser.add_argument("--model", help=f"model whose linear projections set the FLOPs baseline: {MODEL_HELP}")
     parser.add_argument("--set", action="append", default=[], metavar="SCORER.KEY=VALUE", help="e.g. mlp.epochs=5")
+    parser.add_argument("--scorers", nargs="+", choices=list(SCORERS), default=list(SCORERS), help="scorers to fit")
+    parser.add_argument("--layers", nargs="+", type=int, help="fit and score these layers only (the dataset's other "
+                        "layers are not loaded): a cheaper comparison on a real model's data")
     parser.add_argument("--json", action="store_true", help="print all rows as JSON on the last line")
     args = parser.parse_args(argv)
 
-    params = {name: dict(p) for name, p in SCORERS.items()}
+    params = {name: dict(SCORERS[name]) for name in args.scorers}
     for item in args.set:
         target, _, value = item.partition("=")
         name, _, key = target.partition(".")
         params[name][key] = json.loads(value)
     model = load_model(args.model)[0] if args.model else None
-    dataset = synthetic_split(args.synthetic, n_layers=4, hidden=128) if args.synthetic else _load_dataset(args.data, model=model)
-    baseline = projection_flops_per_token(model.config) if model is not None else None
+    if args.synthetic:
+        dataset = synthetic_split(args.synthetic, n_layers=4, hidden=128)
+    else:
+        dataset = load_dataset(args.data, model=model, layers=args.layers)
+        if args.layers:  # the scorers see a model of len(layers) layers
+            manifest = dict(dataset.manifest, shapes=dict(dataset.manifest["shapes"], layers=len(dataset.X_train[0])))
+            dataset = dataclasses.replace(dataset, manifest=manifest)
+    baseline = projection_flops_per_token(model.config) if model is not None and not args.layers else None
 
     rows = []
     for name, p in params.items():
-        _, summary = fit_and_evaluate(name, dataset, p, model=model if args.data else None)  # synthetic rows fit no model
+        # synthetic rows and a subset of layers fit no model (the FLOPs ratio needs every layer)
+        _, summary = fit_and_evaluate(name, dataset, p, model=model if args.data and not args.layers else None)
         summary["flops_ratio"] = summary["flops_per_token"] / baseline if baseline else None
         rows.append(summary)
     fastest = min(r["train_seconds"] for r in rows)
