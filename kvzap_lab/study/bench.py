@@ -3,7 +3,6 @@ the fixed, seeded held-out task samples, answered with a chunked prefill or from
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -45,8 +44,7 @@ class Bench:
         key = json.dumps(arguments, sort_keys=True, default=str)
         if self.last_fit[0] != key:
             scorer = factory(**arguments)
-            extra = {"manifest": self.dataset.manifest} if "manifest" in inspect.signature(factory.fit).parameters else {}
-            scorer.fit(self.dataset.X_train.numpy(), self.dataset.y_train.numpy(), **extra)
+            scorer.fit(self.dataset.X_train.numpy(), self.dataset.y_train.numpy(), manifest=self.dataset.manifest)
             self.last_fit = (key, scorer)
         return self.last_fit[1]
 

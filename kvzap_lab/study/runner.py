@@ -114,7 +114,7 @@ def _run(config: StudyConfig) -> dict | None:
     space = build_space(config.policy, factory, spec, dataset.y_train.numpy(), config.space)
     points, skipped = start_points(space, spec, dataset.y_train.numpy()) if config.baseline else ([], [])
 
-    policy_name = getattr(factory, "policy_name", config.policy)
+    policy_name = factory.policy_name
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if config.objectives == "reward" else optuna.pruners.NopPruner()
     name = config.study_name or f"{policy_name}-{short}"
     kill_point("study.create")

@@ -14,6 +14,7 @@ import numpy as np
 from kvzap_lab.policy import list_policies, resolve_policy
 from kvzap_lab.studies import rule as rule_space
 from kvzap_lab.studies.space import check_space, contains, defaults, describe, override
+from kvzap_lab.surrogate import is_trainable
 from kvzap_lab.study.config import CALIBRATED_EVICTION, StudyError
 
 
@@ -31,13 +32,13 @@ class SearchSpace:
 
 
 def trainable_factory(policy: str):
-    """The scorer class behind ``policy``; it must be trainable (have ``fit``)."""
+    """The scorer class behind ``policy``; it must be a :class:`~kvzap_lab.surrogate.TrainableScorer`."""
     try:
         factory = resolve_policy(policy)
     except (ValueError, FileNotFoundError, AttributeError) as err:
         raise StudyError(str(err)) from None
-    if not callable(getattr(factory, "fit", None)):
-        trainable = [name for name in list_policies() if callable(getattr(resolve_policy(name), "fit", None))]
+    if not is_trainable(factory):
+        trainable = [name for name in list_policies() if is_trainable(resolve_policy(name))]
         raise StudyError(f"policy {policy!r} has nothing to train; a study needs a trainable policy: {', '.join(trainable)}")
     return factory
 
