@@ -121,13 +121,13 @@ def test_observations_describe_the_candidates(testbed, samples):
 
 def test_references_are_computed_once_per_sample(testbed, samples, monkeypatch):
     calls = []
-    score_contexts = evaluate.score_contexts
+    score_contexts = oracle.score_contexts
 
     def counting(*args, **kwargs):
         calls.append(len(args[2]))
         return score_contexts(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "score_contexts", counting)
+    monkeypatch.setattr(oracle, "score_contexts", counting)  # what oracle_table calls
     env = make_env(testbed, samples)
     for sample in (0, 0, 2, 0, 2):
         env.reset(options={"sample": sample})
