@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="testbed", help=MODEL_HELP)
     parser.add_argument("--checkpoint", default=None, help="a trained kvzap_mlp directory (default: fit one here)")
-    parser.add_argument("--tau", type=float, default=None, help="threshold (default: calibrated for --compression)")
+    parser.add_argument("--tau", type=float, default=None,
+                        help="threshold (default: calibrated for --compression; with --checkpoint, its own rule)")
     parser.add_argument("--compression", type=float, default=0.75)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--decode", type=int, default=128)
