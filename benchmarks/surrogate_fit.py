@@ -11,7 +11,6 @@ Every scorer is trained in this one run, on the same rows, so the time ratios ar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from kvzap_lab.model import MODEL_HELP, load_model
@@ -45,9 +44,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dataset = synthetic_split(args.synthetic, n_layers=4, hidden=128)
     else:
         dataset = load_dataset(args.data, model=model, layers=args.layers)
-        if args.layers:  # the scorers see a model of len(layers) layers
-            manifest = dict(dataset.manifest, shapes=dict(dataset.manifest["shapes"], layers=len(dataset.X_train[0])))
-            dataset = dataclasses.replace(dataset, manifest=manifest)
     baseline = projection_flops_per_token(model.config) if model is not None and not args.layers else None
 
     rows = []

@@ -201,7 +201,8 @@ def load_dataset(
         allow_partial: load an unfinished collection (its finished shards) instead of raising.
         dtype: the dtype of ``X`` (None: the storage dtype, e.g. bfloat16: half the memory of float32). ``y`` is
             float32.
-        layers: load only these layers of ``X`` and ``y`` (sorted indices; memory scales with their count).
+        layers: load only these layers of ``X`` and ``y`` (sorted indices; memory scales with their count); the
+            returned manifest's ``shapes`` then count them and ``loaded_layers`` lists them.
 
     Raises:
         FileNotFoundError: no manifest; DatasetError: another model, an unfinished collection, a bad shard.
@@ -234,6 +235,8 @@ def load_dataset(
         if not layers or layers[0] < 0 or layers[-1] >= n_layers:
             raise ValueError(f"layers must be indices in [0, {n_layers}), got {layers}")
         n_layers = len(layers)
+        # The manifest describes what was loaded: a scorer fitted on it has len(layers) layers.
+        manifest = dict(manifest, shapes=dict(shapes, layers=n_layers), loaded_layers=layers)
     stored = getattr(torch, manifest.get("dtype", "float32"))
     parts: dict[str, list[dict[str, torch.Tensor]]] = {split: [] for split in SPLITS}
     for entry in manifest["shards"]:

@@ -106,7 +106,8 @@ class KVzapMLP(KVzapLinear):
         x, t = torch.from_numpy(X), torch.from_numpy(y)
         # Layer by layer and standardised per batch: a real model's dataset (1e5 rows x 30 layers x 576) would
         # otherwise hold several float32 copies of X at once.
-        x_mean, x_std = (torch.stack(m) for m in zip(*(_mean_std(x[train, layer]) for layer in range(n_layers))))  # [L, H]
+        per_layer = [_mean_std(x[train, layer]) for layer in range(n_layers)]
+        x_mean, x_std = torch.stack([m for m, _ in per_layer]), torch.stack([s for _, s in per_layer])  # [L, H]
         t_mean, t_std = _mean_std(t[train])  # [L, K]
         ts = (t - t_mean) / t_std
 

@@ -103,6 +103,7 @@ def test_collect_tasks_rows_are_oracle_scores_and_prompt_hidden_states(checkpoin
     torch.testing.assert_close(bf16.y_train, dataset.y_train)
     layer1 = load_dataset(out, layers=[1])
     assert layer1.X_train.shape == (100, 1, 64) and layer1.y_test.shape == (40, 1, 2)
+    assert layer1.manifest["shapes"]["layers"] == 1 and layer1.manifest["loaded_layers"] == [1]
     torch.testing.assert_close(layer1.X_train[:, 0], bf16.X_train[:, 1], atol=0, rtol=0)
     torch.testing.assert_close(layer1.y_test[:, 0], bf16.y_test[:, 1], atol=0, rtol=0)
 
