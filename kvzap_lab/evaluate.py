@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvzap_lab import cli, io, tasks, tracking
+from kvzap_lab import cli, io, plots, tasks, tracking
 from kvzap_lab.faults import kill_point
 from kvzap_lab.engine import DEFAULT_CHUNK, Generation, generate, prefill
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
@@ -263,12 +263,7 @@ def format_table(records: list[dict]) -> str:
 def plot(records: list[dict], path: Path) -> None:
     """Accuracy against compression, one line per policy (pooled over tasks and lengths) with 95 % Wilson error
     bars; the full cache is a dashed line in its interval's band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.figure()
     by_policy: dict[str, list[dict]] = {}
     for s in summarize(records):
         by_policy.setdefault(s["policy"], []).append(s)
@@ -282,15 +277,8 @@ def plot(records: list[dict], path: Path) -> None:
         accuracy = [p["accuracy"] for p in points]
         errors = [[a - p["accuracy_low"] for a, p in zip(accuracy, points)], [p["accuracy_high"] - a for a, p in zip(accuracy, points)]]
         ax.errorbar([p["compression"] for p in points], accuracy, yerr=errors, marker="o", capsize=3, label=policy)
-    ax.set_xlabel("compression (fraction of KV pairs evicted)")
-    ax.set_ylabel("accuracy (95 % Wilson interval)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    plots.accuracy_compression_axes(ax, ylabel="accuracy (95 % Wilson interval)")
+    plots.save(fig, path, dpi=120)
 
 
 def cells_for(

@@ -55,14 +55,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from kvzap_lab import cli, io, tasks
+from kvzap_lab import cli, io, plots, tasks, tracking
 from kvzap_lab.faults import kill_point
 from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, load_model
 from kvzap_lab.padding import pad_rows
@@ -313,65 +312,13 @@ def load_state(directory: Path, net: ScorerNet, optimizer) -> dict | None:
     return meta
 
 
-# ----------------------------------------------------------------------------------------------------- tracking
-@dataclass
-class Tracking:
-    """The MLflow run of one fine-tuning (resumed runs continue it)."""
-
-    client: object
-    run_id: str
-
-    @classmethod
-    def open(cls, uri: str, experiment: str, run_id: str | None, params: dict) -> "Tracking":
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        if run_id is None:
-            found = client.get_experiment_by_name(experiment)
-            location = None
-            if urlparse(uri).scheme == "sqlite":  # artifacts next to the store, as the study keeps them
-                location = (Path(uri.split(":///", 1)[1]).resolve().parent / "mlartifacts").as_uri()
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=location)
-            run_id = client.create_run(experiment_id, run_name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}").info.run_id
-            from mlflow.entities import Param
-
-            client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        return cls(client, run_id)
-
-    def log(self, rows: list[dict]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(row["step"])) for row in rows for k, v in row.items()
-                   if k != "step" and v is not None and math.isfinite(float(v))]
-        for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 900])
-
-    def finish(self, out: Path) -> None:
-        for name in (METRICS, PLOT):
-            self.client.log_artifact(self.run_id, str(out / name))
-        self.client.set_terminated(self.run_id, status="FINISHED")
-
-
-def check_tracking_uri(uri: str) -> str:
-    """MLflow URIs that work here: sqlite/postgresql/mysql databases and http(s) servers."""
-    scheme = urlparse(uri).scheme.split("+")[0]
-    if scheme not in ("sqlite", "postgresql", "mysql", "mssql", "http", "https"):
-        raise ValueError(f"--tracking-uri {uri!r}: use sqlite:///path/to/mlflow.db, a database URL or http://host:port")
-    return uri
-
-
 # ----------------------------------------------------------------------------------------------------- outputs
 def plot_history(history: list[dict], target: float, path: Path) -> None:
     """KL, compression (expected and held-out) and held-out accuracy over steps, as one PNG (atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [r for r in history if "kl" in r]
     evals = [r for r in history if "heldout_accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, grid = plots.figure(1, 3, figsize=(13, 3.6))
+    axes = grid[0]
     axes[0].plot([r["step"] for r in train], [r["kl"] for r in train])
     axes[0].set(title="KL(full || soft) per target token", xlabel="step", yscale="log")
     axes[1].plot([r["step"] for r in train], [r["expected_compression"] for r in train], label="expected (soft)")
@@ -383,9 +330,7 @@ def plot_history(history: list[dict], target: float, path: Path) -> None:
     axes[2].set(title="held-out accuracy (hard engine)", xlabel="step", ylim=(-0.02, 1.02))
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------- entry points
@@ -426,7 +371,10 @@ def finetune(args: Args, model=None, tokenizer=None, progress: bool = True) -> t
     schedule = Schedule(chunk_size=args.chunk_size)
     batches = Batches(args, tokenizer)
     batches(0)  # bad tasks or a tokenizer without the task suite's tokens fail here, before anything is written
-    tracking_uri = check_tracking_uri(args.tracking_uri or f"sqlite:///{Path('results').resolve() / 'mlflow.db'}")
+    if args.tracking_uri is None:
+        Path("results").mkdir(exist_ok=True)  # the default store's folder
+    tracking_uri = args.tracking_uri or f"sqlite:///{Path('results').resolve() / 'mlflow.db'}"
+    tracking.check_tracking_uri(tracking_uri)  # within seconds, before the fine-tuning
 
     net = ScorerNet(supervised).to(_device(model))
     start = ScorerNet(supervised).to(_device(model)).requires_grad_(False)
@@ -445,12 +393,15 @@ def finetune(args: Args, model=None, tokenizer=None, progress: bool = True) -> t
         meta = {"settings": identity, "step": 0, "tau": tau, "history": [], "logged": 0, "mlflow_run_id": None}
         meta["history"].append({"step": 0} | held_out(model, tokenizer, supervised, tau, args, eval_samples))
     params = identity | {"tau_used": tau, "n_layers": spec.n_layers}
-    tracking = Tracking.open(tracking_uri, args.experiment or f"finetune-{args.policy}-{args.model.replace('/', '_')}",
-                             meta["mlflow_run_id"], params)
-    meta["mlflow_run_id"] = tracking.run_id
+    tracker, run_id = tracking.open_run(
+        tracking_uri, args.experiment or f"finetune-{args.policy}-{args.model.replace('/', '_')}",
+        "python -m kvzap_lab.finetune", run_name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}", params=params,
+        run_id=meta["mlflow_run_id"])
+    meta["mlflow_run_id"] = run_id
 
     def checkpoint():
-        tracking.log(meta["history"][meta["logged"] :])
+        for row in meta["history"][meta["logged"] :]:
+            tracker.metrics(run_id, {k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
         meta["logged"] = len(meta["history"])
         save_state(out / STATE, net, optimizer, meta)
         kill_point("finetune.checkpoint")  # kill -9 tests: KVZAP_LAB_KILL_AT=finetune.checkpoint:N
@@ -470,7 +421,7 @@ def finetune(args: Args, model=None, tokenizer=None, progress: bool = True) -> t
     scorer.save(out / SCORER)
     first, last = meta["history"][0], meta["history"][-1]
     summary = {
-        "settings": identity, "tau": tau, "scorer_dir": str(out / SCORER), "mlflow_run_id": tracking.run_id,
+        "settings": identity, "tau": tau, "scorer_dir": str(out / SCORER), "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri, "steps": meta["step"],
         "start": {k: first[k] for k in ("heldout_accuracy", "heldout_compression")},
         "end": {k: last.get(k) for k in ("heldout_accuracy", "heldout_compression", "kl", "expected_compression")},
@@ -478,7 +429,9 @@ def finetune(args: Args, model=None, tokenizer=None, progress: bool = True) -> t
     }
     plot_history(meta["history"], args.target_compression, out / PLOT)
     io.atomic_write_json(out / METRICS, summary)
-    tracking.finish(out)
+    for name in (METRICS, PLOT):
+        tracker.client.log_artifact(run_id, str(out / name))
+    tracker.end(run_id, "FINISHED")
     return scorer, summary
 
 

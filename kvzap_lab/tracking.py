@@ -40,6 +40,32 @@ def dataset_input(data_dir: str | Path, name: str | None = None):
     return study_dataset_input(data_dir, data.sha256_file(data_dir / data.MANIFEST), name or data_dir.name)
 
 
+def open_run(uri: str, experiment: str, command: str, *, run_name: str, params: dict, run_id: str | None = None,
+             inputs: Iterable = (), tags: dict | None = None):
+    """Start a run, or continue ``run_id`` (a resumed command's), that the caller logs to and ends.
+
+    Args:
+        uri: the tracking URI (checked first with :func:`check_tracking_uri`).
+        experiment: the experiment's name, created as a model-training experiment when new.
+        command: the command that made the run (``python -m kvzap_lab.train``): the run's source name.
+        run_name: the run's name in the UI.
+        params: ``{name: value}`` (values as strings, MLflow's limit of 6,000 characters each); not logged again
+            to a continued run.
+        run_id: the run to continue, or None for a new one.
+        inputs: MLflow dataset inputs (:func:`dataset_input`).
+        tags: extra run tags.
+    Returns:
+        ``(tracker, run_id)``: a :class:`kvzap_lab.study.tracking.Tracker` (``metrics``, ``end``, its ``client``)
+        and the run's id.
+    """
+    from kvzap_lab.study.storage import creation_lock
+    from kvzap_lab.study.tracking import Tracker
+
+    with creation_lock(uri):  # schema and experiment creation, serialised with any study on the same store
+        tracker = Tracker.open(uri, experiment, {"mlflow.source.name": command}, list(inputs))
+    return tracker, run_id or tracker.start(run_name, params, dict(tags or {}))
+
+
 def log_run(
     uri: str,
     experiment: str,
@@ -55,24 +81,13 @@ def log_run(
     """Log one finished run.
 
     Args:
-        uri: the tracking URI (checked first with :func:`check_tracking_uri`).
-        experiment: the experiment's name, created as a model-training experiment when new.
-        command: the command that made the run (``python -m kvzap_lab.train``): the run's source name.
-        run_name: the run's name in the UI.
-        params: ``{name: value}`` (values as strings, MLflow's limit of 6,000 characters each).
+        uri, experiment, command, run_name, params, inputs, tags: as :func:`open_run`'s.
         metrics: ``{name: float}``; non-finite values and None are left out.
         artifacts: files to attach to the run.
-        inputs: MLflow dataset inputs (:func:`dataset_input`).
-        tags: extra run tags.
     Returns:
         the run id.
     """
-    from kvzap_lab.study.storage import creation_lock
-    from kvzap_lab.study.tracking import Tracker
-
-    with creation_lock(uri):  # schema and experiment creation, serialised with any study on the same store
-        tracker = Tracker.open(uri, experiment, {"mlflow.source.name": command}, list(inputs))
-    run_id = tracker.start(run_name, params, dict(tags or {}))
+    tracker, run_id = open_run(uri, experiment, command, run_name=run_name, params=params, inputs=inputs, tags=tags)
     try:
         tracker.metrics(run_id, metrics)
         for path in artifacts:

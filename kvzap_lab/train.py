@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvzap_lab import cli, io, tracking
+from kvzap_lab import cli, io, plots, tracking
 from kvzap_lab.policy import resolve_policy
 from kvzap_lab.surrogate import TrainableScorer, check_training_data, is_trainable, projection_flops_per_token, r2_spearman_mse
 
@@ -102,15 +102,10 @@ def quick_mlp_fit(model, tokenizer, contexts: list[list[int]], *, epochs: int, s
 
 def plot_predictions(y_true, y_pred, path) -> None:
     """Predicted-vs-true log-score density per layer (``y [n, layers, kv_heads]``), written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n_layers = y_true.shape[1]
     cols = min(4, n_layers)
     rows = -(-n_layers // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plots.figure(rows, cols, figsize=(3.2 * cols, 3.0 * rows))
     for layer, ax in enumerate(axes.flat):
         if layer >= n_layers:
             ax.axis("off")
@@ -121,9 +116,7 @@ def plot_predictions(y_true, y_pred, path) -> None:
         ax.plot([lo, hi], [lo, hi], "r--", lw=0.8)
         r2 = np.corrcoef(t, p)[0, 1] ** 2
         ax.set(title=f"layer {layer}  R²={r2:.3f}", xlabel="true log KVzip+", ylabel="predicted")
-    fig.tight_layout()
-    io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def _parse_params(items: list[str]) -> dict:

@@ -8,7 +8,6 @@ import warnings
 
 import gymnasium as gym
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 
 import kvzap_lab  # noqa: F401  registers the env ids

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from kvzap_lab import cli, evaluate, tasks
 from kvzap_lab.model import random_tiny_model

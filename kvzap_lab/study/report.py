@@ -9,6 +9,7 @@ import io
 import tempfile
 from pathlib import Path
 
+from kvzap_lab import plots
 from kvzap_lab.study.config import ACCURACY_TOLERANCE, TARGET_COMPRESSION
 from kvzap_lab.study.metrics import best_at_target, compression_ratio, hypervolume, pareto_front
 
@@ -95,43 +96,21 @@ def json_summary(summary: dict) -> dict:
     return out
 
 
-def _axes(fig, ax, path: Path, legend_size: int, dpi: int) -> None:
-    """Shared finish of the accuracy-vs-compression plots: 4x marker, axes, grid, legend, save, close."""
-    import matplotlib.pyplot as plt
-
-    ax.axvline(TARGET_COMPRESSION, color="grey", linestyle=":", label="4x compression")
-    ax.set(xlabel="compression (fraction of KV pairs evicted)", ylabel="accuracy", xlim=(-0.02, 1.0), ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-
-
 def trial_plot(per_task: dict, full: dict, accuracy: float, compression: float, path: Path) -> None:
     """Accuracy against compression for one trial: a point per task, the full cache at 0, the mean as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plots.figure(figsize=(6, 4))
     for i, (task, result) in enumerate(per_task.items()):
         color = f"C{i % 10}"
         ax.scatter([result["compression"]], [result["accuracy"]], color=color, label=task)
         ax.scatter([0.0], [full[task]], facecolors="none", edgecolors=color)
     ax.scatter([compression], [accuracy], marker="*", s=200, color="black", label="mean")
-    _axes(fig, ax, path, legend_size=7, dpi=90)
+    plots.accuracy_compression_axes(ax, marker_at=TARGET_COMPRESSION, legend_size=7)
+    plots.save(fig, path, dpi=90)
 
 
 def plot_front(summary: dict, path: Path) -> None:
     """Every complete trial, the Pareto front, the paper-default trials, the full cache and the 4x line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.figure()
     rows = summary["rows"]
     ax.scatter([r["compression"] for r in rows], [r["accuracy"] for r in rows], color="lightgrey", label="trials")
     base = [r for r in rows if r["baseline"]]
@@ -139,7 +118,8 @@ def plot_front(summary: dict, path: Path) -> None:
     front = summary["front"]
     ax.plot([r["compression"] for r in front], [r["accuracy"] for r in front], "o-", color="C3", label="Pareto front")
     ax.axhline(summary["full_accuracy"], color="black", linestyle="--", label="full cache")
-    _axes(fig, ax, path, legend_size=8, dpi=100)
+    plots.accuracy_compression_axes(ax, marker_at=TARGET_COMPRESSION)
+    plots.save(fig, path)
 
 
 def log_summary(tracker, parent: str, summary: dict) -> None:

@@ -7,7 +7,8 @@ of several processes started at once on an empty store exactly one creates the s
 points, once; the others find them. A study records ``start_points_queued`` after its last start point, so a
 creator killed half-way is completed by the next start.
 
-A trial whose worker died is failed and its parameters queued again (:mod:`kvzap_lab.study.resume`).
+A trial whose worker died is failed and its parameters queued again (:mod:`kvzap_lab.study.resume`), in its
+place: before the points queued after it (:class:`RetriesInPlaceStorage`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import warnings
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
+
+import optuna
+from optuna.storages._cached_storage import _CachedStorage  # what optuna.create_study wraps an RDBStorage in
+from optuna.trial import TrialState
 
 from kvzap_lab.faults import kill_point
 from kvzap_lab.study.config import OBJECTIVES, StudyError
@@ -128,11 +132,30 @@ def creation_lock(url: str) -> Iterator[None]:
         yield
 
 
-def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale: Callable):
-    """Optuna's RDB storage (its schema created if new) with heartbeats: ``on_stale(study, trial)`` is called
-    for each trial of a dead worker, after its parameters were queued again."""
-    import optuna
+class RetriesInPlaceStorage(_CachedStorage):
+    """Optuna's RDB storage (behind the cache Optuna itself puts in front of it) listing waiting trials in the
+    order an uninterrupted study would run them.
 
+    Optuna runs waiting trials in the order :meth:`get_all_trials` lists them, and re-queues a dead worker's
+    trial as a new trial, behind every point queued after it: a study with more queued points than
+    ``--n-trials`` would then end without the killed configuration. Here a retry is listed at the place of the
+    trial it retries (the first number of its ``retry_history``), so it runs next.
+
+    Args:
+        backend: the RDB storage.
+    """
+
+    def get_all_trials(self, study_id, deepcopy=True, states=None):
+        trials = super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        if states is not None and set(states) == {TrialState.WAITING}:
+            trials.sort(key=lambda t: (t.system_attrs.get("retry_history") or [t.number])[0])
+        return trials
+
+
+def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale: Callable):
+    """Optuna's RDB storage (its schema created if new, waiting trials listed retries first:
+    :class:`RetriesInPlaceStorage`) with heartbeats: ``on_stale(study, trial)`` is called for each trial of a
+    dead worker, after its parameters were queued again."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
@@ -145,21 +168,19 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        return RetriesInPlaceStorage(optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs(url),
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=stale,
-        )
+        ))
 
 
 def open_study(storage, name: str, identity: dict, objectives: str, sampler, pruner, points: list[tuple[dict, str]]):
     """Create the study with its start points (``[(params, kind)]``), or load it after checking that it was
     created with the same objectives and settings; queue the start points a killed creator left out. Call it
     under :func:`creation_lock`. Returns ``(study, created)``."""
-    import optuna
-
     metric_names, directions = OBJECTIVES[objectives]
     study = optuna.create_study(
         study_name=name, storage=storage, directions=list(directions), sampler=sampler, pruner=pruner, load_if_exists=True

@@ -128,8 +128,19 @@ class Tracker:
         if params:
             self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         if self.inputs:
-            self.client.log_inputs(run_id, datasets=self.inputs)
+            self.log_inputs(run_id)
         return run_id
+
+    def log_inputs(self, run_id: str) -> None:
+        """Log the dataset inputs to ``run_id``. MLflow looks a dataset up, then inserts it: a worker that logs
+        the same dataset to the same experiment between the two makes the insert fail (a unique constraint); at
+        the second try the dataset exists and only the run's link to it is written."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_inputs(run_id, datasets=self.inputs)
+        except MlflowException:
+            self.client.log_inputs(run_id, datasets=self.inputs)
 
     def end_dead_invocations(self) -> None:
         """End FAILED the parent runs still RUNNING whose process is known to be gone (killed on this host
