@@ -8,7 +8,8 @@ matched compressions, with Wilson 95 % confidence intervals.
    --context-tokens 256 --tokens-per-sequence 200``, then ``train --policy mlp``) into ``results/``.
 2. Fine-tuned: ``finetune`` from it, on ``--train-tasks`` (the two needle tasks and key-value retrieval, other
    seeds than the held-out ones) and filler text (resumable; a finished run with the same settings is reused).
-3. RL: ``train(args) -> scorer`` of ``examples/reinforce_scorer.py``, when that file is in the checkout.
+3. RL: ``train(args) -> scorer`` of ``examples/reinforce_scorer.py`` (its flags: ``--rl-args``), from the
+   supervised scorer at the fine-tuning's threshold.
 4. Every scorer gets, for each target compression, the threshold at which it evicts that fraction of the pairs of
    calibration samples (its own scale: matched compressions, not matched taus); then the hard engine answers the
    held-out samples (test bed: the two needle tasks at 512 tokens, window 16, sinks 4, sample seed 1, as README's
@@ -39,7 +40,7 @@ from kvzap_lab.model import fingerprint, load_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import Policy, Threshold
 from kvzap_lab.soft_eviction import Schedule, ScorerNet
-from kvzap_lab.study.metrics import compression_ratio
+from kvzap_lab.stats import compression_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 WITHIN = 0.01  # "within 1 point of the full cache"
@@ -59,23 +60,22 @@ def supervised_scorer(args, model) -> Path:
     return scorer_dir
 
 
-def rl_scorer(args, supervised: Path, tau: float) -> tuple[KVzapMLP | None, str]:
-    """``examples/reinforce_scorer.py``'s ``train(args) -> scorer``, started from the
-    supervised scorer at ``tau`` (where it evicts the fine-tuning's target compression). Returns ``(scorer or None,
-    status)``."""
-    path = REPO / "examples" / "reinforce_scorer.py"
-    if not path.is_file():
-        return None, "examples/reinforce_scorer.py is not in this checkout (issue 17.4): no RL scorer to compare"
-    spec = importlib.util.spec_from_file_location("reinforce_scorer", path)
+def rl_scorer(args, supervised: Path, tau: float) -> tuple[KVzapMLP, str]:
+    """``examples/reinforce_scorer.py``'s ``train(args) -> scorer``, started from the supervised scorer at ``tau``
+    (where it evicts the fine-tuning's target compression). Returns ``(scorer, the settings it ran with)``."""
+    spec = importlib.util.spec_from_file_location("reinforce_scorer", REPO / "examples" / "reinforce_scorer.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    # The learner's own Args with the settings this comparison fixes (the names it declares among these).
+    sys.modules[spec.name] = module  # its dataclass looks its module up while it is defined
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    # The learner's own flags (--rl-args), then the settings this comparison fixes.
     out = args.results / "beyond_imitation" / args.model.replace("/", "_") / "rl"
-    wanted = {"checkpoint": str(supervised), "out": str(out), "model": args.model, "seed": args.seed, "tau": tau,
-              "window": args.window, "sinks": args.sinks, "context_tokens": args.context_tokens,
-              "task": args.tasks[0], "progress": not args.json}
-    declared = {f.name for f in dataclasses.fields(module.Args)}
-    rl_args = module.Args(**{k: v for k, v in wanted.items() if k in declared})
+    rl_args, _ = module.parse_args(shlex.split(args.rl_args))
+    rl_args = dataclasses.replace(
+        rl_args, checkpoint=str(supervised), out=str(out), model=args.model, seed=args.seed, tau=tau, window=args.window,
+        sinks=args.sinks, context_tokens=args.context_tokens, task=args.tasks[0], progress=not args.json)
     return module.train(rl_args), f"examples/reinforce_scorer.py with {rl_args}"
 
 
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--seed", type=cli.non_negative_int, default=1, help="held-out sample seed")
     p.add_argument("--finetune-args", default="", help="more flags for kvzap_lab.finetune, e.g. '--steps 80 --lr 5e-3'")
+    p.add_argument("--rl-args", default="", help="more flags for examples/reinforce_scorer.py, e.g. '--iterations 60 --episodes 8'")
     p.add_argument("--json", action="store_true", help="end with the comparison as one JSON line")
     args = p.parse_args(argv)
     if len(args.compressions) < 3:
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = hashlib.sha256(json.dumps(ft_args.identity(), sort_keys=True).encode()).hexdigest()[:10]
     ft_args = dataclasses.replace(ft_args, out=out / f"finetuned-{settings}")
     finetuned, ft_summary = finetune(ft_args, model, tokenizer, progress=not args.json)
-    rl, rl_status = rl_scorer(args, supervised_dir, tau=ft_summary["tau"])
+    rl, rl_settings = rl_scorer(args, supervised_dir, tau=ft_summary["tau"])
 
     end = tokenizer.convert_tokens_to_ids(tasks.END)
     samples = {t: tasks.make_samples(t, tokenizer, args.n_samples, args.context_tokens, args.seed) for t in args.tasks}
@@ -198,12 +199,9 @@ def main(argv: list[str] | None = None) -> int:
               "sinks": args.sinks, "seed": args.seed, "full": full,
               "finetune": {"tau": ft_summary["tau"], "settings": ft_summary["settings"], "scorer_dir": ft_summary["scorer_dir"]}}
     for label, scorer in (("supervised", supervised), ("finetuned", finetuned), ("rl", rl)):
-        if scorer is None:
-            result[label] = {"compression_within_1pt": None, "points": []}
-            continue
         points = evaluate_scorer(model, scorer, label, items, samples, end, args, cache, cache_path)
         result[label] = {"compression_within_1pt": best_within(points, full["accuracy"]), "points": points}
-    result["rl"]["status"] = rl_status
+    result["rl"]["settings"] = rl_settings
     sup, fin = result["supervised"]["compression_within_1pt"], result["finetuned"]["compression_within_1pt"]
     ratio = lambda c: None if c is None else compression_ratio(c)  # noqa: E731
     result["goal"] = {"supervised_x": ratio(sup), "finetuned_x": ratio(fin),

@@ -169,7 +169,8 @@ def evaluate_scorers(args: Args, scorers: dict[str, KVzapMLP]) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[Args, bool]:
+    """Every :class:`Args` field as a flag (``--n-train 8``, ``--no-progress``), and ``--json``: ``(args, json)``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -182,7 +183,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     parsed = vars(parser.parse_args(argv))
     as_json = parsed.pop("json")
-    args = Args(**parsed)
+    return Args(**parsed), as_json
+
+
+def main(argv=None) -> int:
+    args, as_json = parse_args(argv)
     started = time.perf_counter()
     model, tokenizer = shared_model(args.model)
     if args.checkpoint is None:  # a supervised start, fitted as learn_thresholds.py does, saved as a checkpoint

@@ -42,7 +42,7 @@ from kvzap_lab.engine import DEFAULT_CHUNK, Generation, generate, prefill
 from kvzap_lab.model import MODEL_HELP, check_fits, describe, fingerprint, load_model
 from kvzap_lab.oracle import oracle_table
 from kvzap_lab.policy import DEFAULT_SINKS, DEFAULT_WINDOW, OracleTableScorer, Policy, Threshold, TopK, as_scorer, get_policy, resolve_policy
-from kvzap_lab.stats import format_interval, wilson_interval
+from kvzap_lab.stats import compression_ratio, format_interval, wilson_interval
 from kvzap_lab.surrogate import is_trainable
 
 FULL = "full"
@@ -241,8 +241,6 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     """A plain-text table of every cell (accuracy with its 95 % Wilson interval), then the per-policy summary."""
-    from kvzap_lab.study.metrics import compression_ratio  # lazily: the study imports this module
-
     head = f"{'policy':<34} {'task':<18} {'ctx':>5} {'n':>4} {'acc [95% CI]':>22} {'compr':>6} {'bytes':>6} {'s/sample':>8}"
     lines = [head, "-" * len(head)]
     for r in records:

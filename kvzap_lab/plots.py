@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvzap_lab import io
+from kvzap_lab.stats import compression_ratio
 
 COMPRESSION_LABEL = "compression (fraction of KV pairs evicted)"
 
@@ -26,7 +27,7 @@ def accuracy_compression_axes(ax, ylabel: str = "accuracy", marker_at: float | N
     """Label, bound and grid an accuracy-vs-compression plot, with a dotted line at compression ``marker_at``
     (e.g. 0.75, 4x) when given, then draw its legend."""
     if marker_at is not None:
-        ax.axvline(marker_at, color="grey", linestyle=":", label=f"{1 / (1 - marker_at):g}x compression")
+        ax.axvline(marker_at, color="grey", linestyle=":", label=f"{compression_ratio(marker_at):g}x compression")
     ax.set(xlabel=COMPRESSION_LABEL, ylabel=ylabel, xlim=(-0.02, 1.0), ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)

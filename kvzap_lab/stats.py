@@ -1,4 +1,5 @@
-"""Confidence intervals on accuracies: the one helper every report uses (evaluate's records, tables and plots).
+"""Reporting arithmetic every report shares (evaluate's records, tables and plots, the study's): confidence
+intervals on accuracies, and compression as a ratio.
 
 An accuracy over ``n`` samples gets a Wilson score interval (Wilson 1927), which stays inside [0, 1] and keeps
 a sensible width at 0/n and n/n, where the normal approximation collapses to a point. A sample's score may be a
@@ -38,3 +39,8 @@ def format_interval(accuracy: float, n: int) -> str:
     """``0.950 [0.764, 0.991]``: an accuracy and its 95 % Wilson interval, as tables print it."""
     low, high = wilson_interval(accuracy, n)
     return f"{accuracy:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def compression_ratio(compression: float) -> float:
+    """``1 / (1 - compression)``: 0.75 of the pairs evicted is 4x."""
+    return 1.0 / max(1.0 - compression, 1e-9)

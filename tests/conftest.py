@@ -32,6 +32,18 @@ import torch
 from kvzap_lab import policy as policy_module
 
 
+def load_file(path: Path, name: str):
+    """The module of the Python file ``path`` (an example or a benchmark, not a package) under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while they are defined
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
 def require(available: bool, reason: str) -> None:
     """Skip the test unless ``available``; in CI (``CI=true``) a missing package or service fails it instead."""
     if available:

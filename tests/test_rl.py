@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-import kvzap_lab  # noqa: F401  registers the env ids
+from conftest import load_file
 from kvzap_lab.envs import KVEvictionEnv
 from kvzap_lab.envs.config import shared_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
+
+import kvzap_lab  # noqa: F401  registers the env ids
 from kvzap_lab.tasks import make_samples
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[name]
-    return module
+    return load_file(EXAMPLES / f"{name}.py", name)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvzap_lab.stats import compression_ratio
 from kvzap_lab.study.config import ACCURACY_TOLERANCE, REWARD_PENALTY
 
 _EPS = 1e-9  # accuracies are means of per-sample scores: a drop of exactly 1 point must count as within it
@@ -31,11 +32,6 @@ def operating_point(per_task: dict, full_mean: float) -> dict:
     compression = float(np.mean([r["compression"] for r in per_task.values()]))
     return {"accuracy": accuracy, "accuracy_drop": full_mean - accuracy, "compression": compression,
             "compression_ratio": compression_ratio(compression)}
-
-
-def compression_ratio(compression: float) -> float:
-    """``1 / (1 - compression)``: 0.75 of the pairs evicted is 4x."""
-    return 1.0 / max(1.0 - compression, 1e-9)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 
 from kvzap_lab import plots
+from kvzap_lab.stats import compression_ratio
 from kvzap_lab.study.config import ACCURACY_TOLERANCE, TARGET_COMPRESSION
-from kvzap_lab.study.metrics import best_at_target, compression_ratio, hypervolume, pareto_front
+from kvzap_lab.study.metrics import best_at_target, hypervolume, pareto_front
 
 TABLE_COLUMNS = ("trial", "baseline", "accuracy", "accuracy_drop", "compression", "compression_ratio", "r2", "reward")
 SUMMARY_METRICS = ("full_accuracy", "best_compression_at_target", "baseline_best_compression_at_target", "hypervolume",

@@ -1,0 +1,51 @@
+"""benchmarks/beyond_imitation.py end to end in its short form: supervised, fine-tuned and RL scorers on the test
+bed at matched compressions, the JSON comparison, and a rerun answered from its cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_file
+from kvzap_lab.envs.config import shared_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_beyond_imitation_compares_three_scorers_at_matched_compressions_and_resumes(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, tokenizer = shared_model("testbed", "cpu")
+    quick = load_file(REPO / "examples" / "learn_thresholds.py", "learn_thresholds").quick_mlp_scorer
+    quick(model, tokenizer, "single_needle", 6, 96, seed=1000, epochs=5).save(tmp_path / "supervised" / "scorer")
+    bench = load_file(REPO / "benchmarks" / "beyond_imitation.py", "beyond_imitation")
+    targets = [0.3, 0.5, 0.7]
+    argv = ["--model", "testbed", "--results", str(tmp_path / "results"), "--supervised", str(tmp_path / "supervised"),
+            "--tasks", "single_needle", "--train-tasks", "single_needle", "--context-tokens", "96", "--n-samples", "2",
+            "--calibration-samples", "2", "--compressions", *map(str, targets), "--window", "8", "--sinks", "2",
+            "--chunk-size", "32", "--batch-size", "2", "--json",
+            "--finetune-args", "--steps 2 --eval-every 2 --eval-samples 2 --text-tokens 16 --batch-size 2",
+            "--rl-args", "--iterations 1 --episodes 2 --n-train 1 --n-heldout 1 --chunk-size 32"]
+    assert bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert result["full"]["n"] == 2
+    assert "iterations=1" in result["rl"]["settings"] and "episodes=2" in result["rl"]["settings"]
+    for label in ("supervised", "finetuned", "rl"):
+        points = result[label]["points"]
+        assert [p["target"] for p in points] == targets and all(p["n"] == 2 for p in points)
+        taus = [p["tau"] for p in points]
+        assert taus == sorted(taus), label  # evicting more of the same calibration pairs takes a higher threshold
+        assert all(p["ci95"][0] <= p["accuracy"] <= p["ci95"][1] for p in points)
+        within = result[label]["compression_within_1pt"]
+        assert within is None or within in [p["compression"] for p in points]
+    assert (tmp_path / "results" / "beyond_imitation" / "testbed" / "rl" / "config.json").is_file()
+
+    cache = tmp_path / "results" / "beyond_imitation" / "testbed" / "points.json"
+    answered = cache.read_bytes()
+    assert bench.main(argv) == 0  # the fine-tuning is reused, every point comes from the cache
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cache.read_bytes() == answered
+    assert [again[k]["points"] for k in ("supervised", "finetuned")] == [result[k]["points"] for k in ("supervised", "finetuned")]
