@@ -49,6 +49,7 @@ DEFAULT_BUDGET = 64  # TopK pairs per KV head beyond sinks and window
 _BUILTIN_MODULES = (
     "kvzap_linear",
     "kvzap_mlp",
+    "kvzap_shared",
     "gbdt",
     "oracle",
     "random",
