@@ -36,19 +36,27 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvzap_lab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, _positive_int, check_weights
-from kvzap_lab.policies.kvzap_mlp import _mean_std
+from kvzap_lab.policies.kvzap_mlp import KVzapMLP, _mean_std
 from kvzap_lab.policy import register_policy
 from kvzap_lab.surrogate import Interval, TrainableScorer
 
 MODEL_TYPE = "kvzap_lab_shared_mlp"
 
 
+def _depth(w: dict[str, Tensor]) -> int:
+    return sum(key.startswith("trunk.") for key in w) // 2
+
+
+def _film(w: dict[str, Tensor], i: int, embedding: Tensor) -> tuple[Tensor, Tensor]:
+    """Gain and shift ``[n, width]`` of hidden layer ``i`` for layer embeddings ``embedding [n, E]``."""
+    return (embedding @ w[f"film.{i}.weight"].T + w[f"film.{i}.bias"]).chunk(2, dim=-1)
+
+
 def _forward(w: dict[str, Tensor], x: Tensor, layers: Tensor) -> Tensor:
     """Standardised ``x [b, n, hidden]`` of layers ``layers [n]`` -> ``[b, n, kv_heads]`` (head map applied)."""
     embedding = w["embedding"][layers]  # [n, E]
-    depth = sum(key.startswith("trunk.") for key in w) // 2
-    for i in range(depth):
-        gain, shift = (embedding @ w[f"film.{i}.weight"].T + w[f"film.{i}.bias"]).chunk(2, dim=-1)  # [n, width] each
+    for i in range(_depth(w)):
+        gain, shift = _film(w, i, embedding)
         x = F.gelu((1 + gain) * (x @ w[f"trunk.{i}.weight"].T + w[f"trunk.{i}.bias"]) + shift)
     return torch.einsum("bnw,nkw->bnk", x, w["head.weight"][layers]) + w["head.bias"][layers]
 
@@ -58,10 +66,9 @@ def fold(w: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
     b [layers, out]), ...]`` with GELU between (KVzap-MLP's ``weights_`` layout), predicting what :func:`_forward`
     predicts from raw hidden states."""
     n_layers = w["embedding"].shape[0]
-    depth = sum(key.startswith("trunk.") for key in w) // 2
     maps, scale, offset = [], 1 / w["x_std"], -w["x_mean"] / w["x_std"]  # the first map's input: x * scale + offset
-    for i in range(depth):
-        gain, shift = (w["embedding"] @ w[f"film.{i}.weight"].T + w[f"film.{i}.bias"]).chunk(2, dim=-1)  # [L, width]
+    for i in range(_depth(w)):
+        gain, shift = _film(w, i, w["embedding"])  # [layers, width] each
         W, b = w[f"trunk.{i}.weight"].expand(n_layers, -1, -1), w[f"trunk.{i}.bias"]
         if i == 0:
             W, b = W * scale[:, None, :], b + torch.einsum("loi,li->lo", W, offset)
@@ -87,21 +94,7 @@ class KVzapShared(TrainableScorer):
     count while training (``None``: the process's torch setting)."""
 
     policy_name = "kvzap_shared"
-    param_ranges = {
-        "width": Interval(int, 1, none=True),
-        "embedding_dim": Interval(int, 1),
-        "depth": Interval(int, 1),
-        "lr": Interval(float, 0.0, low_open=True),
-        "weight_decay": Interval(float, 0.0),
-        "epochs": Interval(int, 1),
-        "batch_size": Interval(int, 1),
-        "grad_clip": Interval(float, 0.0, low_open=True),
-        "validation_fraction": Interval(float, 0.0, 1.0, low_open=True, high_open=True),
-        "patience": Interval(int, 1),
-        "seed": Interval(int, 0),
-        "n_threads": Interval(int, 1, none=True),
-        "verbose": Interval(bool),
-    }
+    param_ranges = KVzapMLP.param_ranges | {"embedding_dim": Interval(int, 1)}  # KVzap-MLP's training recipe
 
     def __init__(
         self,
@@ -213,7 +206,7 @@ class KVzapShared(TrainableScorer):
         w = self.weights_
         n_layers, kv_heads, width = w["head.weight"].shape
         return {"n_layers": n_layers, "hidden_size": w["x_mean"].shape[1], "n_kv_heads": kv_heads, "width": width,
-                "embedding_dim": w["embedding"].shape[1], "depth": sum(k.startswith("trunk.") for k in w) // 2}
+                "embedding_dim": w["embedding"].shape[1], "depth": _depth(w)}
 
     def _learned_shapes(self) -> dict:
         return {k: v for k, v in self._shapes().items() if k in ("n_layers", "hidden_size", "n_kv_heads")}
