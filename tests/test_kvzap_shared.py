@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvzap_lab import collect, evaluate, oracle, tasks
+from kvzap_lab import cli, collect, evaluate, oracle, tasks
 from kvzap_lab.checkpoint import CheckpointError
 from kvzap_lab.engine import fused_weights, generate
 from kvzap_lab.model import describe, load_model, random_tiny_model
@@ -113,12 +113,17 @@ def test_save_load_round_trip_and_integrity_checks(tmp_path, data, shared):
         KVzapShared.load(tampered)
 
 
-def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path, data):
+def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path, data, capsys):
     mlp = KVzapMLP(width=8, epochs=1).fit(data.X_train, data.y_train)
     mlp.save(tmp_path / "mlp")
     for load in (lambda: KVzapShared.load(tmp_path / "mlp"), lambda: get_policy("shared", checkpoint=tmp_path / "mlp")):
-        with pytest.raises(TypeError, match=r"^\S+mlp holds a KVzapMLP, not a KVzapShared$"):
+        with pytest.raises(CheckpointError, match=r"^\S+mlp holds a KVzapMLP, not a KVzapShared: load it as policy 'kvzap_mlp'$"):
             load()
+    # from a CLI: one line and exit code 2 (the family is checked before the model)
+    argv = ["--policies", f"shared@{tmp_path / 'mlp'}", "--taus", "-7", "--tasks", "single_needle",
+            "--context-tokens", "96", "--n-samples", "2", "--out", str(tmp_path / "eval")]
+    assert cli.run(evaluate.main, argv) == 2
+    assert capsys.readouterr().err.strip().endswith("mlp holds a KVzapMLP, not a KVzapShared: load it as policy 'kvzap_mlp'")
     # an MLP's tensors filed under this family's name: refused by their model_type, before any tensor is read
     config = json.loads((tmp_path / "mlp" / "config.json").read_text())
     config["kvzap_lab"] |= {"policy": "kvzap_shared", "params": KVzapShared().get_params()}
