@@ -1,4 +1,4 @@
-"""Linear vs MLP vs boosted-tree scorers on the same train/test split: held-out R², Spearman, training
+"""Linear vs MLP vs boosted-tree vs shared-across-layers scorers on the same train/test split: held-out R², Spearman, training
 seconds, and scorer FLOPs per token as a fraction of the model's linear-projection FLOPs per token.
 
     python benchmarks/surrogate_fit.py --data DATA_DIR [--model testbed] [--json]
@@ -18,7 +18,7 @@ from kvzap_lab.surrogate import projection_flops_per_token, synthetic_split
 from kvzap_lab.data import load_dataset
 from kvzap_lab.train import fit_and_evaluate
 
-SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}}
+SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}, "shared": {}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -49,6 +49,7 @@ DEFAULT_BUDGET = 64  # TopK pairs per KV head beyond sinks and window
 _BUILTIN_MODULES = (
     "kvzap_linear",
     "kvzap_mlp",
+    "kvzap_shared",
     "gbdt",
     "oracle",
     "random",
@@ -378,7 +379,7 @@ def get_policy(name: str, *, rule: Rule | None = None, checkpoint: str | Path | 
     Returns:
         the :class:`Policy` ``(name, scorer, rule)``.
     Raises:
-        ValueError: an unknown name, or a checkpoint trained for another model.
+        ValueError: an unknown name, or a checkpoint trained for another model or written by another scorer family.
         TypeError: a checkpoint for a scorer that is not trainable, or both ``checkpoint`` and ``params``.
     """
     from kvzap_lab.surrogate import is_trainable

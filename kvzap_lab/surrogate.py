@@ -297,10 +297,15 @@ class TrainableScorer(Scorer, BaseEstimator):
 
     @classmethod
     def load(cls, path, model=None):
-        """Read a scorer saved by :meth:`save` (or an official KVzap checkpoint); with ``model``, check it matches."""
-        from kvzap_lab.checkpoint import load_scorer
+        """Read a scorer saved by :meth:`save` (or an official KVzap checkpoint); with ``model``, check it matches.
+        A checkpoint of another scorer family raises a :class:`~kvzap_lab.checkpoint.CheckpointError` (a ValueError:
+        a CLI's one-line error)."""
+        from kvzap_lab.checkpoint import CheckpointError, load_scorer
 
-        scorer = load_scorer(path, model=model)
+        scorer = load_scorer(path)
         if type(scorer) is not cls:
-            raise TypeError(f"{path} holds a {type(scorer).__name__}, not a {cls.__name__}")
+            raise CheckpointError(f"{path} holds a {type(scorer).__name__}, not a {cls.__name__}: load it as "
+                                  f"policy {scorer.policy_name!r}")
+        if model is not None:
+            scorer.check_model(model)
         return scorer

@@ -14,7 +14,7 @@ import kvzap_lab.policy as policy_mod
 from kvzap_lab.policy import Policy, Threshold, TopK, calibrate, get_policy, list_policies, register_policy
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTINS = ["kvzap_linear", "kvzap_mlp", "gbdt", "oracle", "random", "streaming_llm", "knorm", "accumulated_attention"]
+BUILTINS = ["kvzap_linear", "kvzap_mlp", "kvzap_shared", "gbdt", "oracle", "random", "streaming_llm", "knorm", "accumulated_attention"]
 
 
 def _all_valid(scores):

@@ -139,9 +139,9 @@ def test_scorer_refuses_another_model(tmp_path):
         linear.check_model(random_tiny_model("llama", seed=0, num_hidden_layers=3))
     with pytest.raises(ModelMismatchError, match="trained for hidden size 64 and 2 layers; got hidden size 32"):
         linear.score(torch.randn(1, 5, 32), 0)
-    with pytest.raises(TypeError, match="holds a KVzapLinear, not a GBDTScorer"):
+    with pytest.raises(ValueError, match="holds a KVzapLinear, not a GBDTScorer: load it as policy 'kvzap_linear'"):
         GBDTScorer.load(tmp_path / "ck")
-    with pytest.raises(TypeError, match="holds a KVzapLinear, not a KVzapMLP"):
+    with pytest.raises(ValueError, match="holds a KVzapLinear, not a KVzapMLP"):
         get_policy("mlp", checkpoint=tmp_path / "ck")
 
 
