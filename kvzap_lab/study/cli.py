@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
         "window), tracked in MLflow. Every option has a default: `--policy mlp` alone runs on the test bed. Defaults that "
         "depend on the model come from its profile (kvzap_lab/study/config.py: PROFILES), printed at the start.",
     )
-    p.add_argument("--policy", required=True, help="trainable policy to tune: mlp, linear, gbdt (or a registered "
+    p.add_argument("--policy", required=True, help="trainable policy to tune: mlp, linear, shared, gbdt (or a registered "
                    "name, or path/to/file.py:ClassName with a search_space(spec))")
     p.add_argument("--n-trials", type=positive_int, default=None, help="finished trials the whole study "
                    "should hold, over all its workers and machines (each stops once the study holds that many; a "
