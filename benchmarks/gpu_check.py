@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -307,11 +306,10 @@ def write_outputs(results: dict) -> None:
     out = os.environ.get("OUT")
     if not out:
         return
-    Path(out).mkdir(parents=True, exist_ok=True)
+    from kvzap_lab.io import atomic_write_text
+
     for name, text in (("gpu_check.json", json.dumps(results, indent=2, default=str)), ("gpu_check.txt", "\n".join(LINES) + "\n")):
-        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
-            f.write(text)
-        os.replace(f.name, Path(out) / name)
+        atomic_write_text(Path(out) / name, text)
     print(f"results written to {out}/gpu_check.json and {out}/gpu_check.txt")
 
 
