@@ -11,6 +11,7 @@ kvpress has no such model).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,6 +35,42 @@ def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation (+1e-6) over rows of ``x [n, ...]``; two passes, faster than ``Tensor.std``."""
     mean = x.mean(0)
     return mean, (x - mean).square().mean(0).sqrt() + 1e-6
+
+
+@dataclass
+class StandardisedRows:
+    """The rows of a fit: a seeded validation split, and the statistics of the training rows that standardise
+    hidden states per layer (``x_mean``, ``x_std [L, H]``) and targets per layer and head (``t_mean``, ``t_std
+    [L, K]``); ``ts`` are all targets standardised. Hidden states are standardised per batch (:meth:`xs`): a
+    real model's dataset (1e5 rows x 30 layers x 576) would otherwise hold several float32 copies of X at once."""
+
+    x: Tensor
+    train: Tensor
+    val: Tensor
+    x_mean: Tensor
+    x_std: Tensor
+    t_mean: Tensor
+    t_std: Tensor
+    ts: Tensor
+
+    @classmethod
+    def split(cls, X: np.ndarray, y: np.ndarray, validation_fraction: float, generator: torch.Generator) -> "StandardisedRows":
+        """Carve ``validation_fraction`` of ``X [n, L, H]`` / ``y [n, L, K]`` (at least one row) with ``generator``."""
+        n, n_layers = X.shape[:2]
+        order = torch.randperm(n, generator=generator)
+        n_val = max(1, int(round(n * validation_fraction)))
+        if n - n_val < 1:
+            raise ValueError(f"{n} training rows are too few to carve a validation split of {validation_fraction}")
+        val, train = order[:n_val], order[n_val:]
+        x, t = torch.from_numpy(X), torch.from_numpy(y)
+        per_layer = [_mean_std(x[train, layer]) for layer in range(n_layers)]  # layer by layer: one copy of X
+        x_mean, x_std = torch.stack([m for m, _ in per_layer]), torch.stack([s for _, s in per_layer])
+        t_mean, t_std = _mean_std(t[train])
+        return cls(x, train, val, x_mean, x_std, t_mean, t_std, (t - t_mean) / t_std)
+
+    def xs(self, rows: Tensor) -> Tensor:
+        """Standardised hidden states of ``rows``: ``[len(rows), L, H]``."""
+        return (self.x[rows] - self.x_mean) / self.x_std
 
 
 @register_policy("kvzap_mlp", "mlp")
@@ -98,22 +135,8 @@ class KVzapMLP(KVzapLinear):
         n, n_layers, hidden = X.shape
         width = self.width or max(1, hidden // 8)
         generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(n, generator=generator)
-        n_val = max(1, int(round(n * self.validation_fraction)))
-        if n - n_val < 1:
-            raise ValueError(f"{n} training rows are too few to carve a validation split of {self.validation_fraction}")
-        val, train = order[:n_val], order[n_val:]
-        x, t = torch.from_numpy(X), torch.from_numpy(y)
-        # Layer by layer and standardised per batch: a real model's dataset (1e5 rows x 30 layers x 576) would
-        # otherwise hold several float32 copies of X at once.
-        per_layer = [_mean_std(x[train, layer]) for layer in range(n_layers)]
-        x_mean, x_std = torch.stack([m for m, _ in per_layer]), torch.stack([s for _, s in per_layer])  # [L, H]
-        t_mean, t_std = _mean_std(t[train])  # [L, K]
-        ts = (t - t_mean) / t_std
-
-        def xs(rows: Tensor) -> Tensor:
-            return (x[rows] - x_mean) / x_std
-
+        data = StandardisedRows.split(X, y, self.validation_fraction, generator)
+        train, val, ts, xs = data.train, data.val, data.ts, data.xs
         weights = self._init_weights(n_layers, [hidden] + [width] * self.depth + [y.shape[2]], generator)
         params = [p for pair in weights for p in pair]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
@@ -142,7 +165,7 @@ class KVzapMLP(KVzapLinear):
             if stale >= self.patience:
                 break
         self.validation_mse_ = best_loss.tolist()  # per layer, in standardised target units
-        self.weights_ = self._fold_standardisation(best, x_mean, x_std, t_mean, t_std)
+        self.weights_ = self._fold_standardisation(best, data.x_mean, data.x_std, data.t_mean, data.t_std)
 
     @staticmethod
     def _fold_standardisation(weights: list, x_mean, x_std, t_mean, t_std) -> list:

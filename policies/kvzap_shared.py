@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvzap_lab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, _positive_int, check_weights
-from kvzap_lab.policies.kvzap_mlp import KVzapMLP, _mean_std
+from kvzap_lab.policies.kvzap_mlp import KVzapMLP, StandardisedRows
 from kvzap_lab.policy import register_policy
 from kvzap_lab.surrogate import Interval, TrainableScorer
 
@@ -143,20 +143,9 @@ class KVzapShared(TrainableScorer):
         n, n_layers, hidden = X.shape
         width = self.width or max(1, hidden // 8)
         generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(n, generator=generator)
-        n_val = max(1, int(round(n * self.validation_fraction)))
-        if n - n_val < 1:
-            raise ValueError(f"{n} training rows are too few to carve a validation split of {self.validation_fraction}")
-        val, train = order[:n_val], order[n_val:]
-        x, t = torch.from_numpy(X), torch.from_numpy(y)
-        per_layer = [_mean_std(x[train, layer]) for layer in range(n_layers)]  # layer by layer: see KVzap-MLP
-        x_mean, x_std = torch.stack([m for m, _ in per_layer]), torch.stack([s for _, s in per_layer])  # [L, H]
-        t_mean, t_std = _mean_std(t[train])  # [L, K]
-        ts, layers = (t - t_mean) / t_std, torch.arange(n_layers)
-
-        def xs(rows: Tensor) -> Tensor:
-            return (x[rows] - x_mean) / x_std
-
+        data = StandardisedRows.split(X, y, self.validation_fraction, generator)
+        train, val, ts, xs = data.train, data.val, data.ts, data.xs
+        layers = torch.arange(n_layers)
         shapes = _expected_shapes(n_layers, hidden, y.shape[2], width, self.embedding_dim, self.depth)
         weights = self._init_weights(shapes, generator)
         optimizer = torch.optim.AdamW(weights.values(), lr=self.lr, weight_decay=self.weight_decay)
@@ -182,9 +171,9 @@ class KVzapShared(TrainableScorer):
                 if stale >= self.patience:
                     break
         self.validation_mse_ = best_loss  # mean over layers and heads, in standardised target units
-        head_weight = best["head.weight"] * t_std[:, :, None]  # fold the target scaling into the per-layer output
-        head_bias = best["head.bias"] * t_std + t_mean
-        shared = best | {"x_mean": x_mean, "x_std": x_std, "head.weight": head_weight, "head.bias": head_bias}
+        head_weight = best["head.weight"] * data.t_std[:, :, None]  # fold the target scaling into the per-layer output
+        head_bias = best["head.bias"] * data.t_std + data.t_mean
+        shared = best | {"x_mean": data.x_mean, "x_std": data.x_std, "head.weight": head_weight, "head.bias": head_bias}
         self.weights_ = {k: v.contiguous() for k, v in shared.items()}
         self.maps_ = fold(self.weights_)
 
