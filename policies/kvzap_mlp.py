@@ -132,7 +132,7 @@ class KVzapMLP(KVzapLinear):
         return weights
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        n, n_layers, hidden = X.shape
+        _, n_layers, hidden = X.shape
         width = self.width or max(1, hidden // 8)
         generator = torch.Generator().manual_seed(self.seed)
         data = StandardisedRows.split(X, y, self.validation_fraction, generator)
