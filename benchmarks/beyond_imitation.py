@@ -4,8 +4,9 @@ matched compressions, with Wilson 95 % confidence intervals.
 
     python benchmarks/beyond_imitation.py --model testbed --json
 
-1. The supervised scorer: ``--supervised DIR`` if it holds one, else the README recipe (``collect --n-sequences 300
-   --context-tokens 256 --tokens-per-sequence 200``, then ``train --policy mlp``) into ``results/``.
+1. The supervised scorer: ``--supervised DIR`` if it holds one, else README's recipe into ``results/``: on the test
+   bed ``collect --n-sequences 300 --context-tokens 256 --tokens-per-sequence 200``, on a real model ``collect``'s
+   defaults (the default oracle corpus), then ``train --policy mlp``.
 2. Fine-tuned: ``finetune`` from it, on ``--train-tasks`` (the two needle tasks and key-value retrieval, other
    seeds than the held-out ones) and filler text (resumable; a finished run with the same settings is reused).
 3. RL: ``train(args) -> scorer`` of ``examples/reinforce_scorer.py`` (its flags: ``--rl-args``), from the
@@ -46,17 +47,18 @@ from kvzap_lab.stats import compression_ratio
 REPO = Path(__file__).resolve().parents[1]
 WITHIN = 0.01  # "within 1 point of the full cache"
 CALIBRATION_SEED = 3  # calibration samples; the held-out ones use --seed (1, README's)
+TESTBED_RECIPE = ["--n-sequences", "300", "--context-tokens", "256", "--tokens-per-sequence", "200"]
 RL_SEED = 5  # the RL learner's seed and training samples: neither held-out seed (1, 2) nor calibration's
 
 
 def supervised_scorer(args, model) -> Path:
-    """The supervised KVzap-MLP's checkpoint directory: ``--supervised`` if it holds one, else the README recipe."""
+    """The supervised KVzap-MLP's checkpoint directory: ``--supervised`` if it holds one, else README's recipe."""
     scorer_dir = args.supervised / "scorer"
     if (scorer_dir / "config.json").is_file():
         return scorer_dir
     data = args.results / "data" / args.model.replace("/", "_")
-    if collect.main(["--model", args.model, "--out", str(data), "--n-sequences", "300", "--context-tokens", "256",
-                     "--tokens-per-sequence", "200"]) != 0:
+    recipe = TESTBED_RECIPE if args.model == "testbed" else []  # a real model: collect's defaults
+    if collect.main(["--model", args.model, "--out", str(data), *recipe]) != 0:
         raise RuntimeError("the oracle collection failed (see above)")
     train.main(["--policy", "mlp", "--data", str(data), "--out", str(args.supervised), "--model", args.model])
     return scorer_dir
@@ -96,11 +98,11 @@ def matched_taus(model, scorer, items, args) -> dict[float, float]:
     return {c: tau_for(scores, real, c, args.window, args.sinks) for c in args.compressions}
 
 
-def answer(model, policy, samples_by_task, end, args) -> dict:
-    """Accuracy (exact match, pooled over tasks), its Wilson interval and the mean compression of ``policy``."""
+def answer(model, tokenizer, policy, samples_by_task, args) -> dict:
+    """Accuracy (each task's own scoring, pooled over tasks), its Wilson interval and the mean compression of ``policy``."""
     correct, n, compression = 0.0, 0, 0.0
     for samples in samples_by_task.values():
-        cell = run_cell(model, policy, samples, end, args.batch_size, args.chunk_size)
+        cell = run_cell(model, policy, samples, None, args.batch_size, args.chunk_size, tokenizer=tokenizer)
         correct += cell["accuracy"] * len(samples)
         compression += cell["compression"] * len(samples)
         n += len(samples)
@@ -115,7 +117,7 @@ def weights_digest(scorer) -> str:
     return digest.hexdigest()[:16]
 
 
-def evaluate_scorer(model, scorer, label, items, samples, end, args, cache: dict, cache_path: Path) -> dict:
+def evaluate_scorer(model, tokenizer, scorer, label, items, samples, args, cache: dict, cache_path: Path) -> dict:
     """The points of one scorer (cached by scorer weights and settings, so a rerun resumes)."""
     points = []
     for target, tau in matched_taus(model, scorer, items, args).items():
@@ -123,7 +125,7 @@ def evaluate_scorer(model, scorer, label, items, samples, end, args, cache: dict
                           args.window, args.sinks, args.chunk_size])
         if key not in cache:
             policy = Policy(label, scorer, Threshold(tau=tau, window=args.window, sinks=args.sinks))
-            cache[key] = {"target": target, "tau": tau} | answer(model, policy, samples, end, args)
+            cache[key] = {"target": target, "tau": tau} | answer(model, tokenizer, policy, samples, args)
             io.atomic_write_json(cache_path, cache)
         points.append(cache[key])
         p = points[-1]
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/beyond_imitation.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="testbed")
     p.add_argument("--results", type=Path, default=Path("results"), help="results folder (data, scorers, cache)")
-    p.add_argument("--supervised", type=Path, default=None, help="train's --out of the supervised MLP (default results/train/mlp)")
+    p.add_argument("--supervised", type=Path, default=None, help="train's --out of the supervised MLP (default results/train/mlp, or results/train/MODEL-mlp)")
     p.add_argument("--tasks", nargs="+", default=["single_needle", "multi_key_needle"], choices=tasks.TASKS,
                    help="held-out tasks of the comparison")
     p.add_argument("--train-tasks", nargs="+", default=["single_needle", "multi_key_needle", "kv_retrieval"],
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if len(args.compressions) < 3:
         p.error("--compressions needs at least 3 targets (matched points)")
-    args.supervised = args.supervised or args.results / "train" / "mlp"
+    args.supervised = args.supervised or args.results / "train" / ("mlp" if args.model == "testbed" else f"{args.model.replace('/', '_')}-mlp")
 
     model, tokenizer = load_model(args.model, device="cpu" if not torch.cuda.is_available() else None)
     out = args.results / "beyond_imitation" / args.model.replace("/", "_")
@@ -184,14 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     finetuned, ft_summary = finetune(ft_args, model, tokenizer, progress=not args.json)
     rl, rl_settings = rl_scorer(args, supervised_dir, tau=ft_summary["tau"])
 
-    end = tokenizer.convert_tokens_to_ids(tasks.END)
     samples = {t: tasks.make_samples(t, tokenizer, args.n_samples, args.context_tokens, args.seed) for t in args.tasks}
     items = calibration_items(tokenizer, args)
     cache_path = out / "points.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     key = json.dumps(["full", fingerprint(model), args.tasks, args.n_samples, args.seed, args.context_tokens, args.chunk_size])
     if key not in cache:
-        cache[key] = answer(model, None, samples, end, args)
+        cache[key] = answer(model, tokenizer, None, samples, args)
         io.atomic_write_json(cache_path, cache)
     full = cache[key]
     print(f"{'full cache':>11} accuracy {full['accuracy']:.3f} [{full['ci95'][0]:.3f}, {full['ci95'][1]:.3f}] "
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               "sinks": args.sinks, "seed": args.seed, "full": full,
               "finetune": {"tau": ft_summary["tau"], "settings": ft_summary["settings"], "scorer_dir": ft_summary["scorer_dir"]}}
     for label, scorer in (("supervised", supervised), ("finetuned", finetuned), ("rl", rl)):
-        points = evaluate_scorer(model, scorer, label, items, samples, end, args, cache, cache_path)
+        points = evaluate_scorer(model, tokenizer, scorer, label, items, samples, args, cache, cache_path)
         result[label] = {"compression_within_1pt": best_within(points, full["accuracy"]), "points": points}
     result["rl"]["settings"] = rl_settings
     sup, fin = result["supervised"]["compression_within_1pt"], result["finetuned"]["compression_within_1pt"]

@@ -28,6 +28,8 @@ Choices, and why:
   the needle tasks, the scorer lost 2.5-4 points at every compression from 4x to 7.7x on the test bed (answers with
   repeated digits, which the supervised scorer gets right); with it, within 1 point of the full cache up to 6.5-8.9x
   (``docs/results.md``);
+- **plain text**: ``--text-files`` windows if given, else the test bed's filler prose, or for a real model windows
+  of the default oracle corpus's train documents (:mod:`kvzap_lab.corpus`, the text ``collect`` reads);
 - **training tasks**: the needle tasks and key-value retrieval by default; fine-tuned on the needle tasks alone, the
   scorer lost 8-16 points on key-value retrieval, which it never saw;
 - ``T`` (in score units; the supervised scores spread over ~2) sets the width of the surrogate gradient: pairs
@@ -73,6 +75,7 @@ TRAIN_SEED = 1_000_000  # task samples of training step s, item k: seed TRAIN_SE
 VALIDATION_SEED = 900_000  # held-out samples during training (the benchmark and README use 1, 2, 100, 10000+)
 SEED_STRIDE = 100_000
 CALIBRATION_BATCHES = 4
+CORPUS_WINDOWS = 64  # plain-text windows of a real model (drawn, seeded, from the default corpus's train split)
 STATE, METRICS, PLOT, SCORER = "state", "metrics.json", "training.png", "scorer"
 
 
@@ -152,15 +155,23 @@ class Batches:
 
     def __init__(self, args: Args, tokenizer):
         self.args, self.tokenizer = args, tokenizer
-        self.windows: list[list[int]] = []
+        self.windows: list[list[int]] = []  # empty: the test bed's filler prose (synthetic_text)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         if args.text_files:
             from kvzap_lab.collect import text_contexts
 
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             found = text_contexts(tokenizer, args.text_files, 10_000, args.context_tokens, args.seed, bos)
             self.windows = [c.prefix + c.ids for c in found if len(c.ids) > args.text_tokens + 16]
             if not self.windows:
                 raise ValueError(f"--text-files hold no window longer than {args.text_tokens + 16} tokens")
+        elif not tasks.is_testbed_tokenizer(tokenizer) and args.text_fraction > 0:
+            # a real model: windows of the default corpus's train documents (collect's default oracle data)
+            from kvzap_lab.collect import corpus_contexts
+            from kvzap_lab.corpus import load_corpus
+
+            length = (args.context_tokens - len(bos),) * 2
+            found = corpus_contexts(tokenizer, load_corpus(), CORPUS_WINDOWS, length, args.seed, bos, test_fraction=0.0)
+            self.windows = [c.prefix + c.ids for c in found]
 
     def item(self, step: int, k: int) -> Item:
         args = self.args
@@ -276,8 +287,7 @@ def held_out(model, tokenizer, scorer: KVzapLinear, tau: float, args: Args, samp
     from kvzap_lab.evaluate import run_cell
 
     policy = Policy(scorer.policy_name, scorer, Threshold(tau=tau, window=args.window, sinks=args.sinks))
-    end = tokenizer.convert_tokens_to_ids(tasks.END)
-    result = run_cell(model, policy, samples, end, 16, args.chunk_size)
+    result = run_cell(model, policy, samples, None, 16, args.chunk_size, tokenizer=tokenizer)
     return {"heldout_accuracy": result["accuracy"], "heldout_compression": result["compression"]}
 
 

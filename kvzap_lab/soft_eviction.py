@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from kvzap_lab.engine import DEFAULT_CHUNK, DEFAULT_EVICT_EVERY
 from kvzap_lab.model import attention_override, capture_attention_inputs, describe
@@ -308,13 +309,23 @@ def soft_forward(
         scores[idx], gates[idx] = s, torch.where(vis.judged[:, None], g, 1.0)
         # Multiplicative gates (a hard 0 keeps the straight-through gradient, which log g would not): 1 where the
         # query sees the key in full, g where the key was judged before the query's forward.
-        weight = 1 + gated * (g[:, :, None, :] - 1)  # [b, kv_heads, q, k]
         mask = allowed(kwargs.get("sliding_window"))
         scale = kwargs.get("scaling")
-        q = query.reshape(b, kv_heads, group, n, d)
-        logits = (q @ key[:, :, None].transpose(-1, -2) * (scale if scale is not None else d**-0.5)).masked_fill(~mask, -math.inf)
-        e = (logits - logits.amax(-1, keepdim=True).detach()).exp() * weight[:, :, None]
-        out = (e / e.sum(-1, keepdim=True)).to(value.dtype) @ value[:, :, None]
+        scale = scale if scale is not None else d**-0.5
+
+        def gated_attention(query, key, value, g):
+            weight = 1 + gated * (g[:, :, None, :] - 1)  # [b, kv_heads, q, k]
+            q = query.reshape(b, kv_heads, group, n, d)
+            logits = (q @ key[:, :, None].transpose(-1, -2) * scale).masked_fill(~mask, -math.inf)
+            e = (logits - logits.amax(-1, keepdim=True).detach()).exp() * weight[:, :, None]
+            return (e / e.sum(-1, keepdim=True)).to(value.dtype) @ value[:, :, None]
+
+        # Under autograd the [b, heads, q, k] products are recomputed in the backward pass instead of being held for
+        # every layer at once (30 layers x 2,048^2 x 9 heads would be ~20 GB on SmolLM2).
+        if torch.is_grad_enabled():
+            out = checkpoint(gated_attention, query, key, value, g, use_reentrant=False)
+        else:
+            out = gated_attention(query, key, value, g)
         return out.reshape(b, kv_heads * group, n, d).transpose(1, 2), None
 
     with frozen(model), capture_attention_inputs(model) as hidden, attention_override(model, attend):

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
 from kvzap_lab import cli, finetune
+from kvzap_lab.corpus import load_corpus
 from kvzap_lab.model import describe, fingerprint, random_tiny_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import get_policy
@@ -188,3 +189,33 @@ def test_text_windows_come_from_the_files_and_end_in_their_continuation(tiny, tm
         body = item.ids[1:]  # after the BOS token
         assert any(corpus[i : i + len(body)] == body for i in range(len(corpus) - len(body) + 1))
     assert finetune.Batches(args, tokenizer)(0) == items  # a pure function of the seed and the step
+
+
+def test_a_chat_model_trains_on_the_default_corpus_and_the_natural_tasks(chat_tokenizer, tmp_path, capsys):
+    """The chat-model path (SmolLM2's): plain text from the default oracle corpus's train documents, needle samples
+    through the chat template, the held-out accuracy scored RULER-style (it used to stop at "no '<|bos|>' token")."""
+    tokenizer = chat_tokenizer
+    model = random_tiny_model("llama", seed=0, vocab_size=len(tokenizer), max_position_embeddings=512,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    random_mlp(model, 0, fingerprint(model)).save(tmp_path / "scorer")
+    argv = ["--policy", "mlp", "--checkpoint", str(tmp_path / "scorer"), "--out", str(tmp_path / "out"),
+            "--model", str(tmp_path / "model"), "--tasks", "single_needle", "--context-tokens", "96", "--text-tokens", "8",
+            "--window", "4", "--sinks", "2", "--chunk-size", "32", "--batch-size", "2", "--steps", "2", "--eval-every", "2",
+            "--eval-samples", "2", "--target-compression", "0.5", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+    items = finetune.Batches(finetune.parse_args([*argv, "--text-fraction", "1"]), tokenizer)(0)
+    documents = [d.text for d in load_corpus().split("train")]
+    for item in items:
+        assert item.ids[0] == tokenizer.bos_token_id and len(item.ids) == 96 - 1 and item.targets == 8
+        text = tokenizer.decode(item.ids[1:])[4:-4]  # whole characters at both ends
+        pieces = [p for p in text.split("\n\n") if len(p) >= 20]  # a window may span two documents
+        assert pieces and all(any(p in d for d in documents) for p in pieces)
+
+    assert finetune.main([*argv, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and 0 <= summary["end"]["heldout_accuracy"] <= 1
+    assert 0 < summary["end"]["heldout_compression"] < 1
+    KVzapMLP.load(summary["scorer_dir"], model=model)
