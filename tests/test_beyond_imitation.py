@@ -49,3 +49,16 @@ def test_beyond_imitation_compares_three_scorers_at_matched_compressions_and_res
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cache.read_bytes() == answered
     assert [again[k]["points"] for k in ("supervised", "finetuned")] == [result[k]["points"] for k in ("supervised", "finetuned")]
+
+
+def test_settings_default_by_model_and_flags_override_them():
+    bench = load_file(REPO / "benchmarks" / "beyond_imitation.py", "beyond_imitation")
+    testbed = bench.parse_args(["--model", "testbed"])
+    assert (testbed.context_tokens, testbed.window, testbed.n_samples) == (512, 16, 100)
+    assert testbed.supervised == Path("results/train/mlp")
+    real = bench.parse_args(["--model", "smollm2-135m", "--window", "32"])
+    assert (real.context_tokens, real.window, real.compressions) == (1024, 32, [0.84, 0.87, 0.89, 0.91])
+    assert "kv_retrieval" not in real.train_tasks and "--steps 16" in real.finetune_args
+    assert real.supervised == Path("results/train/smollm2-135m-mlp")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "smollm2-135m", "--compressions", "0.5", "0.6"])
