@@ -1,4 +1,4 @@
-"""Linear vs MLP vs boosted-tree vs shared-across-layers scorers on the same train/test split: held-out R², Spearman, training
+"""Linear vs MLP vs boosted-tree vs shared-across-layers vs rich-input scorers on the same train/test split: held-out R², Spearman, training
 seconds, and scorer FLOPs per token as a fraction of the model's linear-projection FLOPs per token.
 
     python benchmarks/surrogate_fit.py --data DATA_DIR [--model testbed] [--json]
@@ -18,7 +18,7 @@ from kvzap_lab.surrogate import projection_flops_per_token, synthetic_split
 from kvzap_lab.data import load_dataset
 from kvzap_lab.train import fit_and_evaluate
 
-SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}, "shared": {}}
+SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}, "shared": {}, "rich": {}}  # rich needs --model (it fits through its attention)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -28,13 +28,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     source.add_argument("--synthetic", type=int, metavar="N", help="use N synthetic rows (hidden 128, 4 layers, 2 KV heads)")
     parser.add_argument("--model", help=f"model whose linear projections set the FLOPs baseline: {MODEL_HELP}")
     parser.add_argument("--set", action="append", default=[], metavar="SCORER.KEY=VALUE", help="e.g. mlp.epochs=5")
-    parser.add_argument("--scorers", nargs="+", choices=list(SCORERS), default=list(SCORERS), help="scorers to fit")
+    parser.add_argument("--scorers", nargs="+", choices=list(SCORERS), help="scorers to fit (default: all; rich "
+                        "only with --model and every layer)")
     parser.add_argument("--layers", nargs="+", type=int, help="fit and score these layers only (the dataset's other "
                         "layers are not loaded): a cheaper comparison on a real model's data")
     parser.add_argument("--json", action="store_true", help="print all rows as JSON on the last line")
     args = parser.parse_args(argv)
 
-    params = {name: dict(SCORERS[name]) for name in args.scorers}
+    scorers = args.scorers or [name for name in SCORERS if name != "rich" or (args.model and args.data and not args.layers)]
+    params = {name: dict(SCORERS[name]) for name in scorers}
     for item in args.set:
         target, _, value = item.partition("=")
         name, _, key = target.partition(".")

@@ -49,7 +49,9 @@ class DatasetError(ValueError):
 @dataclass
 class Dataset:
     """A loaded oracle dataset: ``X_* [n, layers, hidden]``, ``y_* [n, layers, kv_heads]`` float32, ``groups_* [n]``
-    int64 sequence ids (for grouped cross-validation), and the ``manifest`` dict."""
+    int64 sequence ids (for grouped cross-validation), the ``manifest`` dict, and ``positions_* [n]`` int64: the
+    position each row's hidden state had in the forward pass that computed it (see :func:`absolute_positions`;
+    None for a dataset whose shards hold no positions)."""
 
     X_train: torch.Tensor
     y_train: torch.Tensor
@@ -58,6 +60,8 @@ class Dataset:
     manifest: dict
     groups_train: torch.Tensor
     groups_test: torch.Tensor
+    positions_train: torch.Tensor | None = None
+    positions_test: torch.Tensor | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -184,6 +188,15 @@ def _read_shard(directory: Path, entry: dict, layers: list[int] | None) -> dict[
         raise DatasetError(f"shard {entry['file']} in {directory} cannot be read: {err}") from err
 
 
+def absolute_positions(manifest: dict, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows' stored offsets in their contexts -> the positions their hidden states had: after the oracle's prompt
+    prefix (``manifest["oracle"]["template"][0]``) when the rows are context tokens, as they are without decoding
+    (a task context read after other prompt tokens had that many instead: exact for the test bed's tasks, whose
+    prompts start with the template's prefix); the offsets themselves for decoded rows (collected without a prefix)."""
+    prefix = 0 if manifest.get("decode_tokens") else len((manifest.get("oracle") or {}).get("template", [[]])[0])
+    return offsets.long() + prefix
+
+
 def load_dataset(
     path: str | Path,
     model=None,
@@ -262,4 +275,6 @@ def load_dataset(
         manifest=manifest,
         groups_train=cat("train", "sequence", (), torch.int64),
         groups_test=cat("test", "sequence", (), torch.int64),
+        **{f"positions_{split}": absolute_positions(manifest, cat(split, "position", (), torch.int64))
+           if all("position" in shard for shard in parts[split]) else None for split in SPLITS},
     )

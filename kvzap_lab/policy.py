@@ -50,6 +50,7 @@ _BUILTIN_MODULES = (
     "kvzap_linear",
     "kvzap_mlp",
     "kvzap_shared",
+    "kvzap_rich",
     "gbdt",
     "oracle",
     "random",

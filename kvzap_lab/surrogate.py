@@ -74,7 +74,8 @@ class Interval:
 class Split:
     """A train/test split of (hidden state, log-score) rows: the fields that training reads from a dataset.
 
-    ``X_* [n, layers, hidden]``, ``y_* [n, layers, kv_heads]``; ``manifest`` holds at least ``MANIFEST_KEYS``.
+    ``X_* [n, layers, hidden]``, ``y_* [n, layers, kv_heads]``; ``manifest`` holds at least ``MANIFEST_KEYS``;
+    ``positions_* [n]``: the rows' absolute positions, where known (:class:`kvzap_lab.data.Dataset` has them too).
     """
 
     X_train: np.ndarray
@@ -82,6 +83,8 @@ class Split:
     X_test: np.ndarray
     y_test: np.ndarray
     manifest: dict
+    positions_train: np.ndarray | None = None
+    positions_test: np.ndarray | None = None
 
 
 def synthetic_split(n: int = 5000, n_layers: int = 2, hidden: int = 24, n_kv_heads: int = 2, seed: int = 0,
@@ -203,9 +206,11 @@ class TrainableScorer(Scorer, BaseEstimator):
             if not valid.contains(value):
                 raise ValueError(f"{type(self).__name__}: {name} must be {valid.describe()}; got {value!r}")
 
-    def fit(self, X, y, *, manifest: dict | None = None):
+    def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None):
         """Fit on ``X [n, layers, hidden]``, ``y [n, layers, kv_heads]``; ``manifest`` (from the dataset) ties the
-        scorer to its model. Validates the parameters first; returns ``self``."""
+        scorer to its model. Validates the parameters first; returns ``self``. ``model`` and ``positions [n]`` (the
+        rows' absolute positions, :class:`kvzap_lab.data.Dataset`'s ``positions_*``) are for scorers that read
+        more than the hidden state (KVzap-rich); a scorer of the hidden state alone ignores them."""
         self._check_params()
         X, y = check_training_data(X, y, manifest)
         self.trained_for_ = {"model_fingerprint": model_facts(manifest).get("model_fingerprint")} | dict(
@@ -219,8 +224,9 @@ class TrainableScorer(Scorer, BaseEstimator):
         if not hasattr(self, "trained_for_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(X, y) or load a checkpoint first")
 
-    def predict(self, X):
-        """Predicted log-scores ``[n, layers, kv_heads]`` for ``X [n, layers, hidden]`` (numpy in -> numpy out)."""
+    def predict(self, X, *, positions=None):
+        """Predicted log-scores ``[n, layers, kv_heads]`` for ``X [n, layers, hidden]`` (numpy in -> numpy out);
+        ``positions [n]`` as in :meth:`fit` (ignored by a scorer of the hidden state alone)."""
         self._check_fitted()
         is_numpy = not isinstance(X, Tensor)
         X_np, _ = check_training_data(X)

@@ -30,10 +30,11 @@ def _load_dataset(path, model=None):
     return load_dataset(path, model=model)
 
 
-def evaluate(scorer: TrainableScorer, X_test, y_test) -> dict:
-    """Held-out metrics of a fitted scorer: per-layer lists and means of ``r2``, ``spearman``, ``mse``."""
+def evaluate(scorer: TrainableScorer, X_test, y_test, positions=None) -> dict:
+    """Held-out metrics of a fitted scorer (``positions``: the rows', for scorers that read them): per-layer lists
+    and means of ``r2``, ``spearman``, ``mse``."""
     X_test, y_test = check_training_data(X_test, y_test)
-    per_layer = r2_spearman_mse(y_test, scorer.predict(X_test))
+    per_layer = r2_spearman_mse(y_test, scorer.predict(X_test, positions=positions))
     return {k: float(np.mean(v)) for k, v in per_layer.items()} | {"per_layer": per_layer}
 
 
@@ -58,7 +59,7 @@ def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=Non
         dataset: an oracle dataset (:func:`kvzap_lab.data.load_dataset`): ``X_train [n, layers, hidden]``,
             ``y_train [n, layers, kv_heads]``, the same for test, and its ``manifest``.
         params: the scorer's constructor arguments (validated before fitting).
-        model: the model the dataset was collected on (checked; gives the FLOPs ratio).
+        model: the model the dataset was collected on (checked; gives the FLOPs ratio; KVzap-rich fits through it).
     Returns:
         ``(scorer, summary)``: the fitted scorer and ``{policy, params, train_seconds, n_train, n_test, r2,
         spearman, mse, per_layer, flops_per_token[, flops_ratio]}``.
@@ -67,10 +68,10 @@ def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=Non
     """
     scorer = make_scorer(policy, params)
     start = time.perf_counter()
-    scorer.fit(dataset.X_train, dataset.y_train, manifest=dataset.manifest)
+    scorer.fit(dataset.X_train, dataset.y_train, manifest=dataset.manifest, model=model, positions=dataset.positions_train)
     summary = {"policy": scorer.policy_name, "params": scorer.get_params(), "train_seconds": time.perf_counter() - start}
     summary |= {"n_train": len(dataset.X_train), "n_test": len(dataset.X_test)}
-    summary |= evaluate(scorer, dataset.X_test, dataset.y_test)
+    summary |= evaluate(scorer, dataset.X_test, dataset.y_test, dataset.positions_test)
     summary["flops_per_token"] = scorer.flops_per_token()
     if model is not None:
         scorer.check_model(model)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scorer.save(out / "scorer")
     X_test, y_test = check_training_data(dataset.X_test, dataset.y_test)
-    plot_predictions(y_test, scorer.predict(X_test), out / "pred_vs_true.png")
+    plot_predictions(y_test, scorer.predict(X_test, positions=dataset.positions_test), out / "pred_vs_true.png")
     summary |= {"scorer_dir": str(out / "scorer"), "plot": str(out / "pred_vs_true.png"), "data": str(args.data)}
     io.atomic_write_json(out / "metrics.json", summary)
     if args.tracking_uri:
