@@ -44,7 +44,8 @@ class Bench:
         key = json.dumps(arguments, sort_keys=True, default=str)
         if self.last_fit[0] != key:
             scorer = factory(**arguments)
-            scorer.fit(self.dataset.X_train.numpy(), self.dataset.y_train.numpy(), manifest=self.dataset.manifest)
+            scorer.fit(self.dataset.X_train.numpy(), self.dataset.y_train.numpy(), manifest=self.dataset.manifest,
+                       model=self.model, positions=self.dataset.positions_train)
             self.last_fit = (key, scorer)
         return self.last_fit[1]
 
@@ -121,8 +122,10 @@ def subsample(dataset, train_rows: int, seed: int):
     keep_test = min(n_test, max(1, round(n_test * keep_train / n_train))) if n_test else 0
     train = torch.randperm(n_train, generator=generator)[:keep_train].sort().values
     test = torch.randperm(n_test, generator=generator)[:keep_test].sort().values
+    rows = lambda t, kept: None if t is None else t[kept]
     return replace(
         dataset,
         X_train=dataset.X_train[train].float(), y_train=dataset.y_train[train], groups_train=dataset.groups_train[train],
         X_test=dataset.X_test[test].float(), y_test=dataset.y_test[test], groups_test=dataset.groups_test[test],
+        positions_train=rows(dataset.positions_train, train), positions_test=rows(dataset.positions_test, test),
     )

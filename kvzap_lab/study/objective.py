@@ -72,7 +72,7 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
             scorer, policy_ = fit_trial_policy(policy, factory, space, bench, values | rule_values, seed)
             kill_point("study.trial")
             barrier("study.trial")
-            fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy())
+            fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy(), data.positions_test)
             train_seconds = time.perf_counter() - started
             per_task = {}
             for step, task in enumerate(task_names):
