@@ -35,7 +35,7 @@ from kvzap_lab import checkpoint
 from kvzap_lab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policy import register_policy
-from kvzap_lab.surrogate import ModelMismatchError, check_training_data, limited_threads, model_facts
+from kvzap_lab.surrogate import ModelMismatchError, TrainableScorer, check_training_data, limited_threads, model_facts
 
 FEATURES = ("key", "value", "wo_norm", "log_position")
 MODEL_TYPE = "kvzap_lab_rich_mlp"
@@ -131,10 +131,11 @@ def extra_width(features: tuple[str, ...], n_heads: int, n_kv_heads: int, head_d
 
 
 @register_policy("kvzap_rich", "rich")
-class KVzapRich(KVzapMLP):
+class KVzapRich(TrainableScorer):
     """Per-layer MLP over the hidden state plus ``features`` of the pair (``"key+value+wo_norm+log_position"``
     or any part, see the module docstring); the other parameters are KVzap-MLP's (``width`` defaults to
-    hidden/8 of the model)."""
+    hidden/8 of the model). The fitted network is a :class:`KVzapMLP` over the input rows (``mlp_``); this is
+    not a KVzap-MLP itself (kvpress export and fine-tuning, which feed hidden states alone, refuse it)."""
 
     policy_name = "kvzap_rich"
     param_ranges = KVzapMLP.param_ranges | {"features": FeatureSet()}
@@ -157,8 +158,18 @@ class KVzapRich(KVzapMLP):
         verbose: bool = False,
     ):
         self.features = features
-        super().__init__(width, depth, lr, weight_decay, epochs, batch_size, grad_clip, validation_fraction, patience,
-                         seed, n_threads, verbose)
+        self.width = width
+        self.depth = depth
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.grad_clip = grad_clip
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.seed = seed
+        self.n_threads = n_threads
+        self.verbose = verbose
 
     # ------------------------------------------------------------------------------------------- fitting
     def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None):
@@ -188,12 +199,15 @@ class KVzapRich(KVzapMLP):
         return self
 
     def _fit_mlp(self, rows: np.ndarray, y: np.ndarray, width: int) -> None:
-        """KVzap-MLP's training on the input rows ``[n, layers, H + extra]``: sets ``weights_``, ``validation_mse_``."""
+        """KVzap-MLP's training on the input rows ``[n, layers, H + extra]``: sets ``mlp_``, ``validation_mse_``."""
+        self.mlp_ = self._mlp(width)
+        self.mlp_._fit(rows, y)
+        self.validation_mse_ = self.mlp_.validation_mse_
+
+    def _mlp(self, width: int | None) -> KVzapMLP:
         params = self.get_params() | {"width": width}
         del params["features"]
-        mlp = KVzapMLP(**params)
-        mlp._fit(rows, y)
-        self.weights_, self.validation_mse_ = mlp.weights_, mlp.validation_mse_
+        return KVzapMLP(**params)
 
     def _rows(self, X: np.ndarray, positions) -> np.ndarray:
         """Input rows ``[n, layers, H + extra]`` of hidden states ``X`` at ``positions``, through ``model_``."""
@@ -245,14 +259,13 @@ class KVzapRich(KVzapMLP):
             out = self._predict_layer(rows, layer)
         return out.reshape(b, t, -1).transpose(1, 2).to(hidden.device)
 
-    def fused_weights(self) -> None:
-        """None: the fused KVzap kernel reads the hidden state only."""
-        return None
+    def _predict_layer(self, x: Tensor, layer: int) -> Tensor:
+        return self.mlp_._predict_layer(x, layer)
 
     def flops_per_token(self) -> int:
         """FLOPs (a multiply-add counts 2) to score one token in every layer: the MLP over ``H + extra`` inputs and,
         with ``wo_norm``, one quadratic form per query head (``d² + d`` multiply-adds) and its log."""
-        mlp = super().flops_per_token()
+        mlp = self.mlp_.flops_per_token()
         if "wo_norm" not in self._features():
             return mlp
         n_layers, heads, d, _ = self.gram_.shape
@@ -261,19 +274,20 @@ class KVzapRich(KVzapMLP):
     # ------------------------------------------------------------------------------------------- checkpoint
     def _learned_shapes(self) -> dict:
         n_layers, heads, d, _ = self.gram_.shape
-        n_kv_heads = self.weights_[-1][0].shape[1]
+        weights = self.mlp_.weights_
+        n_kv_heads = weights[-1][0].shape[1]
         extra = extra_width(self._features(), heads, n_kv_heads, d)
-        return {"n_layers": n_layers, "hidden_size": self.weights_[0][0].shape[2] - extra, "n_kv_heads": n_kv_heads}
+        return {"n_layers": n_layers, "hidden_size": weights[0][0].shape[2] - extra, "n_kv_heads": n_kv_heads}
 
     def _config(self) -> dict:
         n_layers, heads, d, _ = self.gram_.shape
-        W0, Wn = self.weights_[0][0], self.weights_[-1][0]
+        W0, Wn = self.mlp_.weights_[0][0], self.mlp_.weights_[-1][0]
         return {"model_type": MODEL_TYPE, "n_modules": n_layers, "input_dim": W0.shape[2], "output_dim": Wn.shape[1],
                 "hidden_dim": W0.shape[1], "n_heads": heads, "head_dim": d,
-                "kvzap_lab": {"depth": len(self.weights_) - 1}}
+                "kvzap_lab": {"depth": len(self.mlp_.weights_) - 1}}
 
     def _state(self) -> dict[str, Tensor]:
-        return checkpoint.kvzap_state(self.weights_) | {GRAM_KEY: self.gram_.clone()}
+        return checkpoint.kvzap_state(self.mlp_.weights_) | {GRAM_KEY: self.gram_.clone()}
 
     def _set_state(self, config: dict, tensors: dict[str, Tensor], path) -> None:
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -287,8 +301,9 @@ class KVzapRich(KVzapMLP):
             raise CheckpointError(f"{weights_path}: {GRAM_KEY} must have shape {[n_layers, heads, d, d]} (from "
                                   f"{config_path}); got {None if gram is None else list(gram.shape)}")
         checkpoint.check_weights({GRAM_KEY: gram}, str(weights_path))
-        weights = checkpoint.kvzap_weights(config | {"model_type": "kvzap"}, tensors, path)
-        self.weights_, self.gram_ = weights, gram.float().contiguous()
+        mlp = self._mlp(config.get("hidden_dim"))
+        mlp.weights_ = checkpoint.kvzap_weights(config | {"model_type": "kvzap"}, tensors, path)
+        self.mlp_, self.gram_ = mlp, gram.float().contiguous()
 
     @classmethod
     def load(cls, path, model=None):

@@ -14,6 +14,7 @@ import optuna
 from kvzap_lab import cli, collect, data, oracle
 from kvzap_lab.checkpoint import CheckpointError
 from kvzap_lab.engine import generate
+from kvzap_lab.kvpress import export_press
 from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, load_model, random_tiny_model
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policies.kvzap_rich import FEATURES, KVzapRich, attention_inputs, parse_features
@@ -159,6 +160,8 @@ def test_checkpoints_of_another_family_are_refused_in_one_line(tmp_path, testbed
     (tmp_path / "mlp" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"model_type 'kvzap' is not a rich-input scorer's"):
         KVzapRich.load(tmp_path / "mlp")
+    with pytest.raises(ValueError, match=r"kvpress runs KVzap linear and MLP scorers only; got a KVzapRich$"):
+        export_press(Policy("rich", rich, Threshold()), tmp_path / "press")  # its MLP reads more than hidden states
 
 
 BAD = [
