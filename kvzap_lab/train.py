@@ -42,7 +42,7 @@ def make_scorer(policy: str, params: dict | None = None) -> TrainableScorer:
     """The unfitted trainable scorer ``policy`` with ``params``, its parameters validated (ValueError otherwise)."""
     factory = resolve_policy(policy)
     if not is_trainable(factory):
-        raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, shared, gbdt (kvzap_linear, kvzap_mlp, kvzap_shared)")
+        raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, shared, rich, gbdt (kvzap_linear, kvzap_mlp, kvzap_shared, kvzap_rich)")
     try:
         scorer = factory(**(params or {}))
     except TypeError as err:
@@ -158,7 +158,7 @@ def _log_to_mlflow(args, summary: dict, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvzap_lab.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--policy", required=True, help="trainable policy: linear, mlp, shared, gbdt (or a registered name)")
+    parser.add_argument("--policy", required=True, help="trainable policy: linear, mlp, shared, rich (needs --model), gbdt (or a registered name)")
     parser.add_argument("--data", required=True, help="oracle dataset directory (kvzap_lab.data)")
     parser.add_argument("--out", required=True, help="output directory (scorer/, pred_vs_true.png, metrics.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="scorer hyperparameter, repeatable")

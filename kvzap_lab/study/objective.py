@@ -18,6 +18,7 @@ from kvzap_lab.faults import barrier, kill_point
 from kvzap_lab.policy import Policy
 from kvzap_lab.studies import rule as rule_space
 from kvzap_lab.studies.space import suggest
+from kvzap_lab.surrogate import projection_flops_per_token
 from kvzap_lab.study.bench import Bench
 from kvzap_lab.study.metrics import operating_point, reward
 from kvzap_lab.study.report import trial_plot
@@ -92,6 +93,7 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
                 "spearman": fit["spearman"],
                 **point,
                 "reward": reward(accuracy, compression, full_mean),
+                "flops_ratio": scorer.flops_per_token() / projection_flops_per_token(bench.model.config),
                 "train_seconds": train_seconds,
                 "seconds": time.perf_counter() - started,
             }
