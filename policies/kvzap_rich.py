@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kvzap_lab import checkpoint
@@ -175,7 +174,7 @@ class KVzapRich(TrainableScorer):
     def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None):
         """Fit on ``X [n, layers, hidden]`` and ``y [n, layers, kv_heads]`` of ``model``'s oracle dataset, with the
         rows' absolute ``positions [n]``; returns ``self``."""
-        from kvzap_lab.model import describe
+        from kvzap_lab.model import describe, fingerprint
 
         self._check_params()
         if model is None:
@@ -187,15 +186,18 @@ class KVzapRich(TrainableScorer):
             raise ModelMismatchError(f"kvzap_rich: the data has {X.shape[1]} layers, hidden {X.shape[2]} and "
                                      f"{y.shape[2]} KV heads; the model {spec.n_layers}, {spec.hidden_size} and "
                                      f"{spec.n_kv_heads} (fit it on every layer of the model's dataset)")
+        wanted = model_facts(manifest).get("model_fingerprint")
+        if wanted is not None and wanted != fingerprint(model):
+            raise ModelMismatchError(f"kvzap_rich: the data was collected on model fingerprint {wanted}; the model given "
+                                     f"has {fingerprint(model)}")
         self.model_ = model
         self.gram_ = output_gram(model)
-        self.trained_for_ = {"model_fingerprint": model_facts(manifest).get("model_fingerprint")} | dict(
+        self.trained_for_ = {"model_fingerprint": wanted} | dict(
             n_layers=X.shape[1], hidden_size=X.shape[2], n_kv_heads=y.shape[2]
         )
-        rows = self._rows(X, positions)
         width = self.width or max(1, spec.hidden_size // 8)
         with limited_threads(self.n_threads):
-            self._fit_mlp(rows, y, width)
+            self._fit_mlp(self._rows(X, positions), y, width)
         return self
 
     def _fit_mlp(self, rows: np.ndarray, y: np.ndarray, width: int) -> None:

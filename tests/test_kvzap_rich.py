@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import optuna
 import pytest
 import torch
-import optuna
 
 from kvzap_lab import cli, collect, data, oracle
 from kvzap_lab.checkpoint import CheckpointError
@@ -191,6 +191,8 @@ def test_missing_inputs_and_another_model_are_one_line_errors(testbed, oracle_ro
     other = random_tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match=r"^kvzap_rich: the data has 4 layers, hidden 128"):
         KVzapRich(**FAST).fit(X, y, model=other, positions=positions)
+    with pytest.raises(ValueError, match=r"^kvzap_rich: the data was collected on model fingerprint abc; the model"):
+        KVzapRich(**FAST).fit(X, y, manifest={"model_fingerprint": "abc"}, model=testbed[0], positions=positions)
     assert parse_features("none") == () and parse_features("log_position+key") == ("log_position", "key")
 
 
@@ -210,7 +212,7 @@ def test_dataset_positions_are_the_positions_the_hidden_states_had(collected, te
     torch.testing.assert_close(dataset.X_train[row], torch.stack([hidden[i][0, at] for i in sorted(hidden)]),
                                atol=1e-4, rtol=1e-4)
     # what `train` and benchmarks/surrogate_fit.py call: the model and the dataset's positions reach the fit
-    scorer, summary = fit_and_evaluate("rich", dataset, dict(FAST, features="key+log_position"), model=model)
+    _, summary = fit_and_evaluate("rich", dataset, dict(FAST, features="key+log_position"), model=model)
     assert summary["policy"] == "kvzap_rich" and np.isfinite(summary["r2"]) and 0 < summary["flops_ratio"] < 0.1
     with pytest.raises(ValueError, match=r"^kvzap_rich computes each row's key"):
         fit_and_evaluate("rich", dataset, FAST)  # no model: `train --policy rich` without --model
