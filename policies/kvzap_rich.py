@@ -26,6 +26,8 @@ Cost per token and layer on top of KVzap-MLP: the wider first map (``extra * wid
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -37,6 +39,7 @@ from kvzap_lab.policy import register_policy
 from kvzap_lab.surrogate import ModelMismatchError, TrainableScorer, check_training_data, limited_threads, model_facts
 
 FEATURES = ("key", "value", "wo_norm", "log_position")
+_RECIPE = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in list(inspect.signature(KVzapMLP).parameters.values())]
 MODEL_TYPE = "kvzap_lab_rich_mlp"
 GRAM_KEY = "wo_gram"  # [layers, heads, head_dim, head_dim] in the checkpoint
 
@@ -140,35 +143,20 @@ class KVzapRich(TrainableScorer):
     param_ranges = KVzapMLP.param_ranges | {"features": FeatureSet()}
     model_ = None  # the model whose attention makes rows of hidden states (fit, or load(path, model=)); not saved
 
-    def __init__(
-        self,
-        features: str = "key+log_position",
-        width: int | None = None,
-        depth: int = 1,
-        lr: float = 5e-3,
-        weight_decay: float = 0.01,
-        epochs: int = 15,
-        batch_size: int = 512,
-        grad_clip: float = 1.0,
-        validation_fraction: float = 0.05,
-        patience: int = 3,
-        seed: int = 0,
-        n_threads: int | None = None,
-        verbose: bool = False,
-    ):
+    def __init__(self, features: str = "key+log_position", **recipe):
         self.features = features
-        self.width = width
-        self.depth = depth
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.grad_clip = grad_clip
-        self.validation_fraction = validation_fraction
-        self.patience = patience
-        self.seed = seed
-        self.n_threads = n_threads
-        self.verbose = verbose
+        unknown = sorted(set(recipe) - {p.name for p in _RECIPE})
+        if unknown:
+            raise TypeError(f"KVzapRich() got unexpected keyword arguments {unknown}")
+        for parameter in _RECIPE:  # KVzap-MLP's parameters and defaults, declared once (in KVzapMLP)
+            setattr(self, parameter.name, recipe.get(parameter.name, parameter.default))
+
+    # The signature sklearn's get_params, checkpoints and the study read: features, then KVzap-MLP's parameters.
+    __init__.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter("features", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="key+log_position", annotation=str),
+         *_RECIPE]
+    )
 
     # ------------------------------------------------------------------------------------------- fitting
     def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None):

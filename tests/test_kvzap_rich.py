@@ -21,7 +21,7 @@ from kvzap_lab.policies.kvzap_rich import FEATURES, KVzapRich, attention_inputs,
 from kvzap_lab.policy import Policy, Scorer, Threshold, get_policy
 from kvzap_lab.study import cli as study_cli
 from kvzap_lab.surrogate import projection_flops_per_token, r2_spearman_mse
-from kvzap_lab.train import fit_and_evaluate
+from kvzap_lab.train import fit_and_evaluate, make_scorer
 
 ALL = "+".join(FEATURES)
 FAST = dict(epochs=4, batch_size=64, width=8)
@@ -193,6 +193,8 @@ def test_missing_inputs_and_another_model_are_one_line_errors(testbed, oracle_ro
         KVzapRich(**FAST).fit(X, y, model=other, positions=positions)
     with pytest.raises(ValueError, match=r"^kvzap_rich: the data was collected on model fingerprint abc; the model"):
         KVzapRich(**FAST).fit(X, y, manifest={"model_fingerprint": "abc"}, model=testbed[0], positions=positions)
+    with pytest.raises(ValueError, match=r"unexpected keyword arguments \['widht'\]; parameters of 'rich': features, width, depth"):
+        make_scorer("rich", {"widht": 8})  # the signature is features, then KVzap-MLP's parameters
     assert parse_features("none") == () and parse_features("log_position+key") == ("log_position", "key")
 
 
