@@ -15,7 +15,8 @@ from kvzap_lab import cli, collect, data, oracle
 from kvzap_lab.checkpoint import CheckpointError
 from kvzap_lab.engine import generate
 from kvzap_lab.kvpress import export_press
-from kvzap_lab.model import capture_attention_inputs, describe, fingerprint, load_model, random_tiny_model
+from kvzap_lab.model import (SUPPORTED_ARCHITECTURES, capture_attention_inputs, describe, fingerprint, load_model,
+                             random_tiny_model)
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
 from kvzap_lab.policies.kvzap_rich import FEATURES, KVzapRich, attention_inputs, parse_features
 from kvzap_lab.policy import Policy, Scorer, Threshold, get_policy
@@ -103,6 +104,24 @@ def test_the_engine_passes_the_keys_values_and_positions_the_fit_computes(testbe
         scored = torch.stack([c[5][0].T for c in step], dim=1)  # [t, L, K]
         np.testing.assert_allclose(scored.numpy(), predicted, atol=1e-4, rtol=1e-4)
     assert steps[0][0][4][0].tolist() == list(range(16))  # absolute positions, as the model's RoPE saw them
+
+
+class Zeros(Scorer):
+    def score(self, hidden, layer, *, keys=None, values=None, positions=None):
+        return torch.zeros(keys.shape[:3])
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_ARCHITECTURES))
+def test_fit_time_keys_and_values_are_the_engines_on_every_supported_architecture(model_type):
+    """Each architecture's own projections, norms (Qwen3's k_norm) and RoPE (Gemma3's local one) make the keys."""
+    model = random_tiny_model(model_type, seed=3, num_hidden_layers=2 if model_type != "gemma3_text" else 6)
+    prompt = torch.randint(3, 128, (45,), generator=torch.Generator().manual_seed(2)).tolist()
+    calls = engine_calls(model, Zeros(), prompt, new_tokens=3, chunk_size=20)
+    assert len(calls) >= 3 * describe(model).n_layers
+    for layer, hidden, keys, values, positions, _ in calls:
+        k, v = attention_inputs(model, layer, hidden[0], positions[0])
+        torch.testing.assert_close(k, keys[0].transpose(0, 1).float(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, values[0].transpose(0, 1).float(), atol=1e-5, rtol=1e-4)
 
 
 def test_a_tokens_score_does_not_change_when_later_tokens_arrive(testbed, rich):
