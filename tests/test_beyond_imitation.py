@@ -41,6 +41,7 @@ def test_beyond_imitation_compares_three_scorers_at_matched_compressions_and_res
         assert all(p["ci95"][0] <= p["accuracy"] <= p["ci95"][1] for p in points)
         within = result[label]["compression_within_1pt"]
         assert within is None or within in [p["compression"] for p in points]
+    assert result["goal"] == bench.goal(result) and set(result["goal"]["rl"]) == {"x", "more_compression", "higher_accuracy"}
     assert (tmp_path / "results" / "beyond_imitation" / "testbed" / "rl" / "config.json").is_file()
 
     cache = tmp_path / "results" / "beyond_imitation" / "testbed" / "points.json"
@@ -57,8 +58,39 @@ def test_settings_default_by_model_and_flags_override_them():
     assert (testbed.context_tokens, testbed.window, testbed.n_samples) == (512, 16, 100)
     assert testbed.supervised == Path("results/train/mlp")
     real = bench.parse_args(["--model", "smollm2-135m", "--window", "32"])
-    assert (real.context_tokens, real.window, real.compressions) == (1024, 32, [0.84, 0.87, 0.89, 0.91])
+    assert (real.context_tokens, real.window) == (1024, 32) and len(real.compressions) >= 3
     assert "kv_retrieval" not in real.train_tasks and "--steps 16" in real.finetune_args
     assert real.supervised == Path("results/train/smollm2-135m-mlp")
     with pytest.raises(SystemExit):
         bench.parse_args(["--model", "smollm2-135m", "--compressions", "0.5", "0.6"])
+
+
+def point(accuracy, low, high, compression):
+    return {"accuracy": accuracy, "ci95": [low, high], "compression": compression}
+
+
+def test_goal_counts_more_compression_within_one_point_or_higher_accuracy_at_equal_compression():
+    bench = load_file(REPO / "benchmarks" / "beyond_imitation.py", "beyond_imitation")
+    sup = [point(0.99, 0.96, 1.0, 0.75), point(0.96, 0.92, 0.98, 0.80), point(0.50, 0.43, 0.57, 0.84)]
+    # one sample behind at 4x (inside its interval), far ahead at 6.25x: higher accuracy at equal compression
+    ahead = [point(0.98, 0.95, 0.99, 0.75), point(0.97, 0.94, 0.99, 0.80), point(0.97, 0.94, 0.99, 0.84)]
+    assert bench.higher_at_equal_compression(sup, ahead)
+    # ahead at 0.84 but evicting less there (0.82 < 0.84 - 0.005): not at equal compression
+    assert not bench.higher_at_equal_compression(sup, ahead[:2] + [point(0.97, 0.94, 0.99, 0.82)])
+    # ahead somewhere but clearly behind elsewhere (upper end 0.985 below 0.99): not higher
+    assert not bench.higher_at_equal_compression(sup, [point(0.95, 0.91, 0.985, 0.75)] + ahead[1:])
+    # ties everywhere: not higher
+    assert not bench.higher_at_equal_compression(sup, sup)
+
+    result = {"supervised": {"compression_within_1pt": 0.75, "points": sup},  # 4x
+              "finetuned": {"compression_within_1pt": 0.84, "points": ahead},  # 6.25x: +2.25x
+              "rl": {"compression_within_1pt": 0.76, "points": sup}}  # 4.17x: +0.17x, no higher accuracy
+    g = bench.goal(result)
+    assert g["supervised_x"] == pytest.approx(4.0) and g["finetuned"]["x"] == pytest.approx(6.25)
+    assert g["finetuned"] == g["finetuned"] | {"more_compression": True, "higher_accuracy": True} and g["met"]
+    assert not g["rl"]["more_compression"] and not g["rl"]["higher_accuracy"]
+    result["supervised"]["compression_within_1pt"] = None  # no supervised point within 1 point: only accuracy counts
+    g = bench.goal(result)
+    assert not g["finetuned"]["more_compression"] and g["met"]
+    result["finetuned"]["points"] = sup
+    assert not bench.goal(result)["met"]
