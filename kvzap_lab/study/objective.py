@@ -77,7 +77,8 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
             barrier("study.trial")
             fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy(), data.positions_test)
             flops_ratio = scorer.flops_per_token() / projection_flops_per_token(bench.model.config)
-            trial.set_constraint("flops_ratio", flops_constraint(flops_ratio, max_flops_ratio))
+            if "flops_ratio" not in trial.constraints:  # a rerun of a dead worker's trial inherits its constraint
+                trial.set_constraint("flops_ratio", flops_constraint(flops_ratio, max_flops_ratio))
             train_seconds = time.perf_counter() - started
             per_task = {}
             for step, task in enumerate(task_names):

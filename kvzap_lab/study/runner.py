@@ -61,9 +61,10 @@ def run(config: StudyConfig) -> dict | None:
         config: the study's settings (:class:`StudyConfig`).
 
     Returns:
-        The summary (rows of the complete trials, Pareto front, best point within 1 point, comparisons with
-        the paper default, verification, study name, storage, tracking URI, parent run), or None in a worker
-        process started by another (``parent_run_id`` set).
+        The summary (rows of the complete trials, the infeasible ones, and among the feasible ones the Pareto
+        front, best point within 1 point, comparisons with the paper default; verification, study name,
+        storage, tracking URI, parent run), or None in a worker process started by another (``parent_run_id``
+        set).
 
     Raises:
         StudyError: bad settings or an unreachable service (a ValueError: ``kvzap_lab.cli.run`` prints it as
