@@ -13,10 +13,9 @@ with the study's seed on the oracle dataset (reused from ``results/data/<model>`
 once; consecutive trials with the same scorer arguments share one fit), measures its held-out R² and its FLOPs
 per token as a fraction of the model's projection FLOPs (over ``--max-flops-ratio``, default 1.5 %, the trial is
 infeasible: an Optuna constraint the TPE and NSGA-II samplers steer away from, and it is left out of the front,
-the best point and the verification), then greedily
-answers a fixed, seeded set of held-out task samples with the eviction engine and returns accuracy and
-compression (Pareto, both maximised) or one scalar ``reward``. The full-cache accuracy is measured once per
-study. A new study first runs its start points: the paper's default configuration (MLP width hidden/8, AdamW
+the best point and the verification), then greedily answers a fixed, seeded set of held-out task samples with
+the eviction engine and returns accuracy and compression (Pareto, both maximised) or one scalar ``reward``. The
+full-cache accuracy is measured once per study. A new study first runs its start points: the paper's default configuration (MLP width hidden/8, AdamW
 5e-3, 15 epochs) at every tau of the paper's grid, so the study says how much it improves on it, then the same
 configuration with taus on the model's own score scale (those that would evict 70, 75 and 80 % of the training
 pairs), from which the sampler starts. At the end the best point within 1 point of full-cache accuracy is
@@ -33,8 +32,8 @@ without Optuna heartbeat), its MLflow run ends FAILED, and its parameters are qu
 stays, in both stores.
 
 MLflow: a model-training experiment per study; one parent run per invocation, one nested run per trial
-(params, metrics r2/flops_ratio/accuracy/compression/reward/seconds, the standard source and git tags, the oracle dataset
-as input, artifacts: the scorer checkpoint and an accuracy-vs-compression plot); the parent gets the
+(params, metrics r2/flops_ratio/accuracy/compression/reward/seconds, the standard source and git tags, the oracle
+dataset as input, artifacts: the scorer checkpoint and an accuracy-vs-compression plot); the parent gets the
 Pareto-front plot, the best-trials table (CSV and markdown) and the ``verified_*`` metrics. Failed trials end
 FAILED, pruned ones KILLED (pruning only with ``--objectives reward``: Optuna cannot prune multi-objective
 studies).
