@@ -15,10 +15,10 @@ per token as a fraction of the model's projection FLOPs (over ``--max-flops-rati
 infeasible: an Optuna constraint the TPE and NSGA-II samplers steer away from, and it is left out of the front,
 the best point and the verification), then greedily answers a fixed, seeded set of held-out task samples with
 the eviction engine and returns accuracy and compression (Pareto, both maximised) or one scalar ``reward``. The
-full-cache accuracy is measured once per study. A new study first runs its start points: the paper's default configuration (MLP width hidden/8, AdamW
-5e-3, 15 epochs) at every tau of the paper's grid, so the study says how much it improves on it, then the same
-configuration with taus on the model's own score scale (those that would evict 70, 75 and 80 % of the training
-pairs), from which the sampler starts. At the end the best point within 1 point of full-cache accuracy is
+full-cache accuracy is measured once per study. A new study first runs its start points: the paper's default
+configuration (MLP width hidden/8, AdamW 5e-3, 15 epochs) at every tau of the paper's grid, so the study says how
+much it improves on it, then the same configuration with taus on the model's own score scale (those that would
+evict 70, 75 and 80 % of the training pairs), from which the sampler starts. At the end the best point within 1 point of full-cache accuracy is
 re-fitted and re-checked on fresh samples (``--verify-samples``), which says how much picking the best of many
 trials on few samples flattered it.
 
