@@ -99,6 +99,10 @@ CASES = [
     ("evaluate-unknown-task", evaluate.main, ["--tasks", "nope"], "unknown ['nope']; choose from single_needle"),
     ("testbed-unknown-task", testbed.main, ["eval", "--tasks", "nope"], "unknown ['nope']; choose from single_needle"),
     ("collect-unknown-task", collect.main, ["--tasks", "nope", "--out", "{tmp}/c4"], "unknown tasks ['nope']"),
+    ("study-max-flops-ratio-negative", study.main, ["--policy", "mlp", "--max-flops-ratio", "-0.1", "--results", "{tmp}/s4"],
+     "argument --max-flops-ratio: must be in [0, 1]; got -0.1"),
+    ("study-max-flops-ratio-above-1", study.main, ["--policy", "mlp", "--max-flops-ratio", "2", "--results", "{tmp}/s5"],
+     "argument --max-flops-ratio: must be in [0, 1]; got 2"),
     ("study-unknown-task", study.main, ["--policy", "mlp", "--tasks", "nope", "--results", "{tmp}/s2"], "nope"),
     # output locations that cannot be written (below a file: refused as root too)
     ("collect-unwritable-out", collect.main, ["--out", "{file}/sub"], "a_file is a file, not a directory"),

@@ -9,9 +9,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from kvzap_lab import tasks
-from kvzap_lab.cli import non_negative_int, positive_int
+from kvzap_lab.cli import fraction, non_negative_int, positive_int
 from kvzap_lab.study.config import (
     ACCURACY_TOLERANCE,
+    MAX_FLOPS_RATIO,
     OBJECTIVES,
     OTHER_PROFILE,
     PROFILES,
@@ -71,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=list(SAMPLERS), default="tpe", help="Optuna sampler: tpe (one or several "
                    "objectives), nsga2 (several; population 16), random, cmaes (one objective only: --objectives "
                    "reward; needs the cmaes package) [tpe]")
+    p.add_argument("--max-flops-ratio", type=fraction(), default=MAX_FLOPS_RATIO, help="most a trial's scorer may "
+                   "cost per token, as a fraction of the model's projection FLOPs (q, k, v, o, MLP); a trial above it "
+                   "is infeasible: the sampler steers away from it (tpe, nsga2) and it is left out of the Pareto front, "
+                   f"the best point and the verification; 1: no limit [{MAX_FLOPS_RATIO:g}]")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler, the scorers and the evaluation samples [0]")
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine (this one and N-1 "
                    "more, each loading the model); other machines run the same command with the same --storage [1]")

@@ -102,6 +102,9 @@ ACCURACY_TOLERANCE = 0.01  # "within 1 point of full-cache accuracy"
 CALIBRATED_EVICTION = (0.7, 0.75, 0.8)  # fractions of training pairs the calibrated start points would evict
 TARGET_COMPRESSION = 0.75  # 4x: three quarters of the KV pairs evicted
 REWARD_PENALTY = 10.0
+# Most a trial's scorer may cost per token, as a fraction of the model's projection FLOPs (KVzap's budget: ~1 %);
+# a trial above it is infeasible (kept, but out of the front and the best point).
+MAX_FLOPS_RATIO = 0.015
 OBJECTIVES = {
     "pareto": (("accuracy", "compression"), ("maximize", "maximize")),
     "reward": (("reward",), ("maximize",)),
@@ -154,6 +157,11 @@ class StudyConfig:
         baseline: queue the start points (paper defaults, then calibrated taus) in a new study.
         heartbeat_interval: seconds between a running trial's heartbeats.
         grace_period: seconds without a heartbeat after which a trial of another machine counts as dead.
+        max_flops_ratio: most a trial's scorer may cost per token, as a fraction of the model's projection
+            FLOPs (in [0, 1]; 1: no limit). A trial above it is infeasible: the sampler (TPE, NSGA-II) steers away
+            from it, and the Pareto front, hypervolume, best point and verification leave it out. Not part of the
+            study's identity: a rerun with another limit judges every trial by it (the samplers keep the limit
+            each trial ran under).
         parent_run_id: MLflow parent run of the worker processes that ``workers`` starts (internal).
     """
 
@@ -182,6 +190,7 @@ class StudyConfig:
     baseline: bool = True
     heartbeat_interval: int = 10
     grace_period: int = 60
+    max_flops_ratio: float = MAX_FLOPS_RATIO
     parent_run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -202,6 +211,9 @@ class StudyConfig:
                              f"{self.verify_samples}, {self.worker_index}, {self.chunk_size}, {self.train_rows}")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise StudyError(f"timeout must be a number of seconds > 0; got {self.timeout}")
+        ratio = self.max_flops_ratio
+        if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
+            raise StudyError(f"max_flops_ratio must be a fraction in [0, 1] (1: no limit); got {self.max_flops_ratio!r}")
         if self.objectives not in OBJECTIVES:
             raise StudyError(f"objectives must be one of {', '.join(OBJECTIVES)}; got {self.objectives!r}")
         if self.sampler not in SAMPLERS:

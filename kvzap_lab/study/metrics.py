@@ -1,6 +1,6 @@
 """The study's decision logic on ``(accuracy, compression)`` points: the scalar reward, the operating point of a
-trial's per-task results, the Pareto front, its hypervolume, and the best point within 1 point of full-cache
-accuracy (README's headline number)."""
+trial's per-task results, the FLOPs limit that makes a trial feasible, the Pareto front, its hypervolume, and the
+best point within 1 point of full-cache accuracy (README's headline number)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def operating_point(per_task: dict, full_mean: float) -> dict:
     compression = float(np.mean([r["compression"] for r in per_task.values()]))
     return {"accuracy": accuracy, "accuracy_drop": full_mean - accuracy, "compression": compression,
             "compression_ratio": compression_ratio(compression)}
+
+
+def flops_constraint(flops_ratio: float, max_flops_ratio: float) -> float:
+    """A trial's constraint value (Optuna's convention: feasible when <= 0): by how much its scorer's FLOPs per
+    token, as a fraction of the model's projection FLOPs, exceed the limit."""
+    return flops_ratio - max_flops_ratio
+
+
+def feasible(rows: list[dict], max_flops_ratio: float) -> list[dict]:
+    """The rows (``{"flops_ratio", ...}``) whose scorer is within the FLOPs limit, in order. A row without a
+    ``flops_ratio`` (a trial recorded before the study measured it) counts as feasible."""
+    return [r for r in rows if "flops_ratio" not in r or flops_constraint(r["flops_ratio"], max_flops_ratio) <= 0]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

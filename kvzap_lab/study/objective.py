@@ -1,6 +1,6 @@
 """One trial: sample the scorer's and the rule's parameters, fit the scorer on the oracle dataset, measure its
-held-out R², answer the held-out samples with the evicting engine, log the nested MLflow run, and return the
-objectives (accuracy and compression, or the scalar reward)."""
+held-out R² and its FLOPs against the limit (an Optuna constraint), answer the held-out samples with the evicting
+engine, log the nested MLflow run, and return the objectives (accuracy and compression, or the scalar reward)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from kvzap_lab.studies import rule as rule_space
 from kvzap_lab.studies.space import suggest
 from kvzap_lab.surrogate import projection_flops_per_token
 from kvzap_lab.study.bench import Bench
-from kvzap_lab.study.metrics import operating_point, reward
+from kvzap_lab.study.metrics import flops_constraint, operating_point, reward
 from kvzap_lab.study.report import trial_plot
 from kvzap_lab.study.search import SearchSpace
 from kvzap_lab.study.resume import worker_record
@@ -44,10 +44,12 @@ def fit_trial_policy(policy: str, factory, space: SearchSpace, bench: Bench, par
 
 
 def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full: dict, tracker: Tracker, parent: str,
-                   *, seed: int, objectives: str, on_sampled=None):
+                   *, seed: int, objectives: str, max_flops_ratio: float, on_sampled=None):
     """The Optuna objective of a study of ``policy`` (``factory``: its scorer class) on ``bench``; ``full``:
     full-cache accuracy per evaluated task; ``parent``: the invocation's MLflow run; ``objectives``: ``pareto``
     (returns accuracy, compression) or ``reward`` (returns the reward; pruned on partial rewards);
+    ``max_flops_ratio``: the FLOPs limit, set as the trial's constraint ``flops_ratio`` once its scorer is fitted
+    (:meth:`optuna.trial.Trial.set_constraint`: TPE and NSGA-II steer away from infeasible trials);
     ``on_sampled(trial)`` is called once the trial's parameters are drawn."""
     import optuna
 
@@ -74,6 +76,9 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
             kill_point("study.trial")
             barrier("study.trial")
             fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy(), data.positions_test)
+            flops_ratio = scorer.flops_per_token() / projection_flops_per_token(bench.model.config)
+            if "flops_ratio" not in trial.constraints:  # a rerun of a dead worker's trial inherits its constraint
+                trial.set_constraint("flops_ratio", flops_constraint(flops_ratio, max_flops_ratio))
             train_seconds = time.perf_counter() - started
             per_task = {}
             for step, task in enumerate(task_names):
@@ -84,7 +89,8 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
                     partial = reward(point["accuracy"], point["compression"], full_so_far)
                     trial.report(partial, step)
                     if trial.should_prune():
-                        tracker.metrics(run_id, {"r2": fit["r2"], "partial_reward": partial, "seconds": time.perf_counter() - started})
+                        tracker.metrics(run_id, {"r2": fit["r2"], "flops_ratio": flops_ratio, "partial_reward": partial,
+                                                 "seconds": time.perf_counter() - started})
                         raise optuna.TrialPruned(f"pruned after {task}: partial reward {partial:.4f}")
             point = operating_point(per_task, full_mean)
             accuracy, compression = point["accuracy"], point["compression"]
@@ -93,7 +99,7 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
                 "spearman": fit["spearman"],
                 **point,
                 "reward": reward(accuracy, compression, full_mean),
-                "flops_ratio": scorer.flops_per_token() / projection_flops_per_token(bench.model.config),
+                "flops_ratio": flops_ratio,
                 "train_seconds": train_seconds,
                 "seconds": time.perf_counter() - started,
             }

@@ -1,6 +1,6 @@
 """What a study shows: the summary of its complete trials (Pareto front, best point within 1 point of
-full-cache accuracy, comparison with the paper default), the printed table, the plots, the parent run's
-artifacts and metrics, and the one-line JSON of ``--json``."""
+full-cache accuracy, comparison with the paper default, all among the trials within the FLOPs limit), the printed
+table, the plots, the parent run's artifacts and metrics, and the one-line JSON of ``--json``."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from pathlib import Path
 from kvzap_lab import plots
 from kvzap_lab.stats import compression_ratio
 from kvzap_lab.study.config import ACCURACY_TOLERANCE, TARGET_COMPRESSION
-from kvzap_lab.study.metrics import best_at_target, hypervolume, pareto_front
+from kvzap_lab.study.metrics import best_at_target, feasible, hypervolume, pareto_front
 
-TABLE_COLUMNS = ("trial", "baseline", "accuracy", "accuracy_drop", "compression", "compression_ratio", "r2", "reward")
+TABLE_COLUMNS = ("trial", "baseline", "accuracy", "accuracy_drop", "compression", "compression_ratio", "r2", "reward",
+                 "flops_ratio")
 SUMMARY_METRICS = ("full_accuracy", "best_compression_at_target", "baseline_best_compression_at_target", "hypervolume",
                    "baseline_hypervolume", "improvement_compression", "improvement_hypervolume_ratio")
 
 
-def summarize(study, full_mean: float) -> dict:
-    """Rows of every complete trial, the Pareto front, and the target / paper-baseline comparisons."""
+def summarize(study, full_mean: float, max_flops_ratio: float) -> dict:
+    """Rows of every complete trial (each marked ``feasible`` or not by ``max_flops_ratio``, see
+    :func:`~kvzap_lab.study.metrics.feasible`), the infeasible trials' numbers, and the Pareto front and the target /
+    paper-baseline comparisons among the feasible rows."""
     from optuna.trial import TrialState
 
     rows = []
@@ -28,12 +31,18 @@ def summarize(study, full_mean: float) -> dict:
         result = t.user_attrs.get("result")
         if result is not None:
             rows.append({"trial": t.number, "baseline": t.user_attrs.get("baseline") == "paper", "params": t.params} | result)
-    points = [(r["accuracy"], r["compression"]) for r in rows]
-    base = [r for r in rows if r["baseline"]]
-    best_row, base_row = best_at_target(rows, full_mean), best_at_target(base, full_mean)
+    ok = feasible(rows, max_flops_ratio)
+    kept = {id(r) for r in ok}
+    for r in rows:
+        r["feasible"] = id(r) in kept
+    points = [(r["accuracy"], r["compression"]) for r in ok]
+    base = [r for r in ok if r["baseline"]]
+    best_row, base_row = best_at_target(ok, full_mean), best_at_target(base, full_mean)
     summary = {
         "rows": rows,
-        "front": [rows[i] for i in pareto_front(points)],
+        "front": [ok[i] for i in pareto_front(points)],
+        "max_flops_ratio": max_flops_ratio,
+        "infeasible_trials": [r["trial"] for r in rows if not r["feasible"]],
         "full_accuracy": full_mean,
         "best_at_target": best_row,
         "best_compression_at_target": None if best_row is None else best_row["compression"],
@@ -52,21 +61,33 @@ def summarize(study, full_mean: float) -> dict:
 
 def table_rows(summary: dict) -> list[dict]:
     """The Pareto front as flat rows (metrics then parameters), for the printed and stored tables."""
-    return [{k: r[k] for k in TABLE_COLUMNS} | r["params"] for r in summary["front"]]
+    return [_columns(r) for r in summary["front"]]
+
+
+def _columns(row: dict) -> dict:
+    """A row's table columns (``flops_ratio`` None for a trial recorded before the study measured it), then its
+    parameters."""
+    return {k: row.get(k) for k in TABLE_COLUMNS} | row["params"]
 
 
 def format_table(summary: dict) -> str:
     """The printed Pareto table plus the target, baseline and verification lines."""
     rows = table_rows(summary)
-    lines = [f"Pareto front ({len(rows)} of {len(summary['rows'])} complete trials; full-cache accuracy {summary['full_accuracy']:.3f})"]
-    head = f"{'trial':>5} {'paper':>5} {'acc':>6} {'drop':>6} {'compr':>6} {'x':>5} {'R2':>6} {'tau':>6} {'win':>4}"
+    n_infeasible, n_complete = len(summary["infeasible_trials"]), len(summary["rows"])
+    lines = [f"Pareto front ({len(rows)} of {n_complete - n_infeasible} feasible trials, {n_complete} complete; "
+             f"full-cache accuracy {summary['full_accuracy']:.3f})"]
+    head = f"{'trial':>5} {'paper':>5} {'acc':>6} {'drop':>6} {'compr':>6} {'x':>5} {'R2':>6} {'flops%':>6} {'tau':>6} {'win':>4}"
     lines += [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['trial']:>5} {'yes' if r['baseline'] else '':>5} {r['accuracy']:>6.3f} {r['accuracy_drop']:>6.3f} "
-            f"{r['compression']:>6.3f} {r['compression_ratio']:>5.2f} {r['r2']:>6.3f} {r.get('tau', float('nan')):>6.2f} "
-            f"{r.get('window', ''):>4}"
+            f"{r['compression']:>6.3f} {r['compression_ratio']:>5.2f} {r['r2']:>6.3f} {_percent(r['flops_ratio']):>6} "
+            f"{r.get('tau', float('nan')):>6.2f} {r.get('window', ''):>4}"
         )
+    over = ", ".join(str(t) for t in summary["infeasible_trials"])
+    lines.append(f"FLOPs limit: scorer <= {100 * summary['max_flops_ratio']:g} % of the model's projection FLOPs per token "
+                 f"(--max-flops-ratio {summary['max_flops_ratio']:g}); {n_infeasible} of {n_complete} complete trials "
+                 "over it, left out of the front, the best point and the verification" + (f": trials {over}" if over else ""))
     best, base = summary["best_compression_at_target"], summary["baseline_best_compression_at_target"]
     fmt = lambda c: "none" if c is None else f"{c:.3f} ({compression_ratio(c):.2f}x)"  # noqa: E731
     lines.append(f"best compression within {100 * ACCURACY_TOLERANCE:g} point of full-cache accuracy: {fmt(best)}; "
@@ -93,7 +114,7 @@ def json_summary(summary: dict) -> dict:
     best = summary["best_at_target"]
     out["n_complete"] = len(summary["rows"])
     out["front"] = table_rows(summary)
-    out["best_at_target"] = None if best is None else {k: best[k] for k in TABLE_COLUMNS} | best["params"]
+    out["best_at_target"] = None if best is None else _columns(best)
     return out
 
 
@@ -110,10 +131,14 @@ def trial_plot(per_task: dict, full: dict, accuracy: float, compression: float, 
 
 
 def plot_front(summary: dict, path: Path) -> None:
-    """Every complete trial, the Pareto front, the paper-default trials, the full cache and the 4x line."""
+    """Every complete trial (those over the FLOPs limit apart), the Pareto front, the feasible paper-default
+    trials, the full cache and the 4x line."""
     fig, ax = plots.figure()
-    rows = summary["rows"]
+    rows = [r for r in summary["rows"] if r["feasible"]]
+    over = [r for r in summary["rows"] if not r["feasible"]]
     ax.scatter([r["compression"] for r in rows], [r["accuracy"] for r in rows], color="lightgrey", label="trials")
+    ax.scatter([r["compression"] for r in over], [r["accuracy"] for r in over], marker="^", color="C1", alpha=0.5,
+               label=f"over the FLOPs limit ({100 * summary['max_flops_ratio']:g} %)")
     base = [r for r in rows if r["baseline"]]
     ax.scatter([r["compression"] for r in base], [r["accuracy"] for r in base], marker="x", color="C0", label="paper default")
     front = summary["front"]
@@ -139,9 +164,14 @@ def log_summary(tracker, parent: str, summary: dict) -> None:
         (Path(tmp) / "best_trials.md").write_text("\n".join(markdown) + "\n\n```\n" + format_table(summary) + "\n```\n")
         for name in ("pareto_front.png", "best_trials.csv", "best_trials.md"):
             tracker.client.log_artifact(parent, str(Path(tmp) / name))
-    tracker.metrics(parent, {k: summary.get(k) for k in SUMMARY_METRICS} | {"n_complete": len(summary["rows"]), "target_met": float(summary["target_met"])})
+    tracker.metrics(parent, {k: summary.get(k) for k in SUMMARY_METRICS} | {"n_complete": len(summary["rows"]), "n_infeasible": len(summary["infeasible_trials"]),
+                                                                          "target_met": float(summary["target_met"])})
     verified = summary.get("verified") or {}
     tracker.metrics(parent, {f"verified_{k}": float(v) for k, v in verified.items() if k not in ("samples_per_task", "seed")})
+
+
+def _percent(ratio: float | None) -> str:
+    return "" if ratio is None else f"{100 * ratio:.2f}"
 
 
 def _cell(value) -> str:

@@ -61,9 +61,10 @@ def run(config: StudyConfig) -> dict | None:
         config: the study's settings (:class:`StudyConfig`).
 
     Returns:
-        The summary (rows of the complete trials, Pareto front, best point within 1 point, comparisons with
-        the paper default, verification, study name, storage, tracking URI, parent run), or None in a worker
-        process started by another (``parent_run_id`` set).
+        The summary (rows of the complete trials, the infeasible ones, and among the feasible ones the Pareto
+        front, best point within 1 point, comparisons with the paper default; verification, study name,
+        storage, tracking URI, parent run), or None in a worker process started by another (``parent_run_id``
+        set).
 
     Raises:
         StudyError: bad settings or an unreachable service (a ValueError: ``kvzap_lab.cli.run`` prints it as
@@ -147,7 +148,7 @@ def _run(config: StudyConfig) -> dict | None:
                                {"kind": "study", "worker": json.dumps(resume.process_record())})
         tracker.metrics(parent, {"full_accuracy": full_mean} | {f"full_accuracy_{t}": a for t, a in full.items()})
     objective = make_objective(config.policy, factory, space, bench, full, tracker, parent, seed=config.seed,
-                               objectives=config.objectives,
+                               objectives=config.objectives, max_flops_ratio=config.max_flops_ratio,
                                on_sampled=lambda trial: resume.save_sampler_state(study, sampler, sampler_key))
     procs = []
     try:
@@ -163,7 +164,7 @@ def _run(config: StudyConfig) -> dict | None:
         raise
     if config.parent_run_id is not None:
         return None
-    summary = summarize(study, full_mean)
+    summary = summarize(study, full_mean, config.max_flops_ratio)
     summary["verified"] = verify_best(study, summary["best_at_target"], config.policy, factory, space, bench,
                                       task_names=list(config.tasks), samples=config.verify_samples,
                                       context_tokens=config.context_tokens, seed=config.seed)

@@ -17,7 +17,7 @@ from kvzap_lab.study.search import SearchSpace
 
 def verify_best(study, row: dict | None, policy: str, factory, space: SearchSpace, bench: Bench, *, task_names: list[str],
                 samples: int, context_tokens: int, seed: int) -> dict | None:
-    """Re-check ``row`` (the best point within the accuracy tolerance; None: nothing to check) on ``samples``
+    """Re-check ``row`` (the best feasible point within the accuracy tolerance; None: nothing to check) on ``samples``
     fresh samples per task, drawn with seed ``VERIFY_SEED_OFFSET + seed``: its trial's scorer is re-fitted
     (deterministic) and answers them, as does the full cache. Kept in the study's user attributes (per trial
     and sample count), so a rerun does not redo it. None when ``samples`` is 0 or ``row`` is None."""

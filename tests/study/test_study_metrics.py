@@ -1,6 +1,6 @@
-"""The study's decision logic on hand-computed cases: reward, the Pareto front, its hypervolume, the best point
-within 1 point of full-cache accuracy (ties, duplicates, the boundary), the summary built on them, and the
-verification of that point on samples of another seed."""
+"""The study's decision logic on hand-computed cases: reward, the FLOPs limit, the Pareto front, its hypervolume,
+the best point within 1 point of full-cache accuracy (ties, duplicates, the boundary), the summary built on them
+(feasible trials only), and the verification of that point on samples of another seed."""
 
 from __future__ import annotations
 
@@ -10,8 +10,17 @@ from optuna.trial import TrialState
 
 from kvzap_lab.study import verify
 from kvzap_lab.study.bench import Bench
-from kvzap_lab.study.config import ACCURACY_TOLERANCE, REWARD_PENALTY, VERIFY_SEED_OFFSET
-from kvzap_lab.study.metrics import best_at_target, hypervolume, operating_point, pareto_front, reward, within_tolerance
+from kvzap_lab.study.config import ACCURACY_TOLERANCE, MAX_FLOPS_RATIO, REWARD_PENALTY, VERIFY_SEED_OFFSET
+from kvzap_lab.study.metrics import (
+    best_at_target,
+    feasible,
+    flops_constraint,
+    hypervolume,
+    operating_point,
+    pareto_front,
+    reward,
+    within_tolerance,
+)
 from kvzap_lab.study.report import format_table, json_summary, summarize
 from kvzap_lab.study.search import SearchSpace
 
@@ -69,12 +78,25 @@ def test_operating_point_means_tasks_and_gives_the_ratio():
     assert point == {"accuracy": 0.75, "accuracy_drop": 0.25, "compression": 0.75, "compression_ratio": pytest.approx(4.0)}
 
 
-def _study_with(results: list[tuple[float, float, str | None]]):
-    """An in-memory study whose complete trials have these (accuracy, compression, baseline) results."""
+def test_feasible_keeps_the_rows_within_the_flops_limit_boundary_included():
+    assert MAX_FLOPS_RATIO == 0.015  # the issue's default: 1.5 % of the model's projection FLOPs
+    rows = [{"trial": 0, "flops_ratio": 0.010}, {"trial": 1, "flops_ratio": 0.015}, {"trial": 2, "flops_ratio": 0.020},
+            {"trial": 3}, {"trial": 4, "flops_ratio": 0.5}]
+    assert [r["trial"] for r in feasible(rows, 0.015)] == [0, 1, 3]  # exactly at the limit: in; unmeasured (3): in
+    assert [r["trial"] for r in feasible(rows, 0.0)] == [3]
+    assert feasible(rows, 1.0) == rows  # a limit of 1 keeps every scorer cheaper than the model
+    assert flops_constraint(0.02, 0.015) == pytest.approx(0.005) and flops_constraint(0.01, 0.015) == pytest.approx(-0.005)
+
+
+def _study_with(results: list[tuple[float, float, str | None]], flops: list[float] | None = None):
+    """An in-memory study whose complete trials have these (accuracy, compression, baseline) results and FLOPs
+    ratios (default 1 %)."""
     study = optuna.create_study(directions=["maximize", "maximize"])
+    flops = flops or [0.01] * len(results)
     for i, (accuracy, compression, baseline) in enumerate(results):
         result = {"accuracy": accuracy, "compression": compression, "accuracy_drop": 1.0 - accuracy,
-                  "compression_ratio": 1 / (1 - compression), "r2": 0.5, "reward": reward(accuracy, compression, 1.0)}
+                  "compression_ratio": 1 / (1 - compression), "r2": 0.5, "reward": reward(accuracy, compression, 1.0),
+                  "flops_ratio": flops[i]}
         attrs = {"result": result} | ({"baseline": baseline} if baseline else {})
         study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, values=[accuracy, compression],
                                             params={"tau": float(-i)}, distributions={"tau": optuna.distributions.FloatDistribution(-10, 0)},
@@ -86,7 +108,7 @@ def _study_with(results: list[tuple[float, float, str | None]]):
 def test_summary_compares_the_best_point_with_the_paper_default():
     study = _study_with([(1.0, 0.40, "paper"), (0.98, 0.70, "paper"), (0.99, 0.75, None), (0.97, 0.90, None),
                          (1.0, 0.60, "calibrated")])
-    summary = summarize(study, 1.0)
+    summary = summarize(study, 1.0, MAX_FLOPS_RATIO)
     assert [r["trial"] for r in summary["rows"]] == [0, 1, 2, 3, 4]  # complete trials only
     assert [r["trial"] for r in summary["front"]] == [4, 2, 3]  # (1.0, 0.4) and (0.98, 0.7) are dominated
     assert summary["best_at_target"]["trial"] == 2 and summary["best_compression_at_target"] == 0.75
@@ -99,6 +121,35 @@ def test_summary_compares_the_best_point_with_the_paper_default():
     line = json_summary(summary)
     assert line["n_complete"] == 5 and line["best_at_target"]["trial"] == 2 and line["best_at_target"]["tau"] == -2.0
     assert [r["trial"] for r in line["front"]] == [4, 2, 3] and "rows" not in line
+    assert line["infeasible_trials"] == [] and line["front"][0]["flops_ratio"] == 0.01
+    assert "FLOPs limit: scorer <= 1.5 % of the model's projection FLOPs per token (--max-flops-ratio 0.015); 0 of 5" in table
+
+
+def test_summary_leaves_out_trials_over_the_flops_limit():
+    """Trial 1 (1.0, 0.9) would dominate every other point and be the best within 1 point, but its scorer costs
+    3 % of the model's projection FLOPs: over the 1.5 % limit it is out of the front, the hypervolume, the best
+    point and the paper-default comparison; under a limit of 1 it is back."""
+    study = _study_with([(1.0, 0.40, "paper"), (1.0, 0.90, "paper"), (0.99, 0.75, None), (0.97, 0.95, None)],
+                        flops=[0.01, 0.03, 0.015, 0.012])
+    summary = summarize(study, 1.0, 0.015)
+    assert [r["trial"] for r in summary["rows"]] == [0, 1, 2, 3]  # every complete trial is still shown
+    assert [r["feasible"] for r in summary["rows"]] == [True, False, True, True]
+    assert summary["infeasible_trials"] == [1] and summary["max_flops_ratio"] == 0.015
+    assert [r["trial"] for r in summary["front"]] == [0, 2, 3]
+    # compression 0-0.4 at 1.0, 0.4-0.75 at 0.99, 0.75-0.95 at 0.97
+    assert summary["hypervolume"] == pytest.approx(0.4 + 0.35 * 0.99 + 0.2 * 0.97)
+    assert summary["best_at_target"]["trial"] == 2 and summary["best_compression_at_target"] == 0.75
+    assert summary["baseline_best_compression_at_target"] == 0.40  # the feasible paper trial only
+    assert summary["baseline_hypervolume"] == pytest.approx(0.4)
+    table = format_table(summary)
+    assert "Pareto front (3 of 3 feasible trials, 4 complete;" in table
+    assert "(--max-flops-ratio 0.015); 1 of 4 complete trials over it, left out of the front, the best point and the verification: trials 1" in table
+    assert "  3.00 " not in table and "  1.50 " in table  # the flops% column: trial 2 at the limit is shown
+    assert json_summary(summary)["infeasible_trials"] == [1]
+
+    everything = summarize(study, 1.0, 1.0)
+    assert everything["infeasible_trials"] == [] and [r["trial"] for r in everything["front"]] == [1, 3]
+    assert everything["best_at_target"]["trial"] == 1 and everything["hypervolume"] == pytest.approx(0.9 + 0.05 * 0.97)
 
 
 class _Samples(list):

@@ -148,9 +148,11 @@ def test_default_data_dir_reuses_collect_output_unless_it_is_another_models(tiny
 
 def test_config_checks_its_values_and_round_trips_through_the_command_line():
     config = StudyConfig(policy="gbdt", n_trials=9, timeout=30.5, objectives="reward", sampler="cmaes", seed=3,
-                         tasks=["copy"], space=["max_iter=20:80", "tau=-2"], baseline=False, grace_period=5, data="d")
+                         tasks=["copy"], space=["max_iter=20:80", "tau=-2"], baseline=False, grace_period=5, data="d",
+                         max_flops_ratio=0.02)
     argv = config.to_argv()
     assert argv[:2] == ["--policy", "gbdt"] and "--no-baseline" in argv and argv.count("--space") == 2
+    assert argv[argv.index("--max-flops-ratio") + 1] == "0.02" and StudyConfig(policy="mlp").max_flops_ratio == 0.015
     assert cli.config_from_args(cli.parser().parse_args(argv)) == config
     assert StudyConfig(policy="mlp").to_argv() == ["--policy", "mlp"]
     assert StudyConfig(policy="mlp").identity("kvzap_mlp", "f" * 16) == {
@@ -164,6 +166,10 @@ def test_config_checks_its_values_and_round_trips_through_the_command_line():
         ({"timeout": float("nan")}, "timeout must be a number of seconds > 0"),
         ({"tasks": ["nosuch"]}, "unknown tasks \\['nosuch'\\]"),
         ({"workers": 2, "parent_run_id": "x"}, "parent_run_id is for the worker processes"),
+        ({"max_flops_ratio": 1.5}, "max_flops_ratio must be a fraction in \\[0, 1\\] \\(1: no limit\\); got 1.5"),
+        ({"max_flops_ratio": -0.1}, "max_flops_ratio must be a fraction in \\[0, 1\\]"),
+        ({"max_flops_ratio": float("nan")}, "max_flops_ratio must be a fraction"),
+        ({"max_flops_ratio": "0.1"}, "max_flops_ratio must be a fraction"),
     ]
     for change, message in bad:
         with pytest.raises(StudyError, match=message):
