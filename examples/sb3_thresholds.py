@@ -22,6 +22,7 @@ import numpy as np
 from gymnasium.wrappers import FlattenObservation, RescaleAction
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm.auto import tqdm
 
@@ -94,6 +95,7 @@ def train(args: Args) -> PPO:
     venv.seed(args.seed)
     agent = PPO("MlpPolicy", venv, n_steps=args.n_steps, batch_size=args.n_steps, learning_rate=args.learning_rate,
                 seed=args.seed, verbose=0)
+    agent.set_logger(Logger(folder=None, output_formats=[]))  # the bar reports; SB3's default makes a temp folder per run
     agent.learn(total_timesteps=args.total_timesteps, callback=Progress(args.total_timesteps, args.progress))
     agent.save(args.out)
     venv.close()

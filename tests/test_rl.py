@@ -34,8 +34,14 @@ def supervised(tmp_path_factory):
     return path
 
 
-def test_sb3_ppo_trains_on_the_threshold_env_unmodified(tmp_path):
+def test_sb3_ppo_trains_on_the_threshold_env_unmodified(tmp_path, monkeypatch):
+    import tempfile
+
     from stable_baselines3.common.env_checker import check_env
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where SB3's default logger would make a folder
 
     sb3 = load_example("sb3_thresholds")
     args = sb3.Args(context_tokens=96, n_train=2, total_timesteps=64, n_envs=2, n_steps=32, window=16,
@@ -45,6 +51,7 @@ def test_sb3_ppo_trains_on_the_threshold_env_unmodified(tmp_path):
         check_env(sb3.make_env(args, sb3.make_samples("single_needle", shared_model("testbed")[1], 2, 96, seed=0)))
     agent = sb3.train(args)
     assert agent.num_timesteps >= 64 and (tmp_path / "ppo.zip").is_file()
+    assert list(scratch.glob("SB3-*")) == []  # no SB3-<date> folder left behind
     scores = sb3.evaluate(sb3.Args(**{**vars(args), "n_heldout": 1}), lambda obs: agent.predict(obs, deterministic=True)[0])
     assert 0 <= scores["compression"] < 1 and scores["accuracy"] in (0.0, 1.0)
 
