@@ -40,10 +40,15 @@ def flops_constraint(flops_ratio: float, max_flops_ratio: float) -> float:
     return flops_ratio - max_flops_ratio
 
 
+def is_feasible(row: dict, max_flops_ratio: float) -> bool:
+    """Whether a row's (``{"flops_ratio", ...}``) scorer is within the FLOPs limit. A row without a ``flops_ratio``
+    (a trial recorded before the study measured it) counts as feasible."""
+    return "flops_ratio" not in row or flops_constraint(row["flops_ratio"], max_flops_ratio) <= 0
+
+
 def feasible(rows: list[dict], max_flops_ratio: float) -> list[dict]:
-    """The rows (``{"flops_ratio", ...}``) whose scorer is within the FLOPs limit, in order. A row without a
-    ``flops_ratio`` (a trial recorded before the study measured it) counts as feasible."""
-    return [r for r in rows if "flops_ratio" not in r or flops_constraint(r["flops_ratio"], max_flops_ratio) <= 0]
+    """The rows within the FLOPs limit (:func:`is_feasible`), in order."""
+    return [r for r in rows if is_feasible(r, max_flops_ratio)]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from kvzap_lab import plots
 from kvzap_lab.stats import compression_ratio
 from kvzap_lab.study.config import ACCURACY_TOLERANCE, TARGET_COMPRESSION
-from kvzap_lab.study.metrics import best_at_target, feasible, hypervolume, pareto_front
+from kvzap_lab.study.metrics import best_at_target, hypervolume, is_feasible, pareto_front
 
 TABLE_COLUMNS = ("trial", "baseline", "accuracy", "accuracy_drop", "compression", "compression_ratio", "r2", "reward",
                  "flops_ratio")
@@ -31,10 +31,9 @@ def summarize(study, full_mean: float, max_flops_ratio: float) -> dict:
         result = t.user_attrs.get("result")
         if result is not None:
             rows.append({"trial": t.number, "baseline": t.user_attrs.get("baseline") == "paper", "params": t.params} | result)
-    ok = feasible(rows, max_flops_ratio)
-    kept = {id(r) for r in ok}
     for r in rows:
-        r["feasible"] = id(r) in kept
+        r["feasible"] = is_feasible(r, max_flops_ratio)
+    ok = [r for r in rows if r["feasible"]]
     points = [(r["accuracy"], r["compression"]) for r in ok]
     base = [r for r in ok if r["baseline"]]
     best_row, base_row = best_at_target(ok, full_mean), best_at_target(base, full_mean)
