@@ -42,7 +42,8 @@ class StandardisedRows:
     """The rows of a fit: a seeded validation split, and the statistics of the training rows that standardise
     hidden states per layer (``x_mean``, ``x_std [L, H]``) and targets per layer and head (``t_mean``, ``t_std
     [L, K]``); ``ts`` are all targets standardised. Hidden states are standardised per batch (:meth:`xs`): a
-    real model's dataset (1e5 rows x 30 layers x 576) would otherwise hold several float32 copies of X at once."""
+    real model's dataset (1e5 rows x 30 layers x 576) would otherwise hold several float32 copies of X at once;
+    for the same reason ``x`` may be float16 (statistics and batches are computed in float32)."""
 
     x: Tensor
     train: Tensor
@@ -63,14 +64,14 @@ class StandardisedRows:
             raise ValueError(f"{n} training rows are too few to carve a validation split of {validation_fraction}")
         val, train = order[:n_val], order[n_val:]
         x, t = torch.from_numpy(X), torch.from_numpy(y)
-        per_layer = [_mean_std(x[train, layer]) for layer in range(n_layers)]  # layer by layer: one copy of X
+        per_layer = [_mean_std(x[train, layer].float()) for layer in range(n_layers)]  # layer by layer: one copy of X
         x_mean, x_std = torch.stack([m for m, _ in per_layer]), torch.stack([s for _, s in per_layer])
         t_mean, t_std = _mean_std(t[train])
         return cls(x, train, val, x_mean, x_std, t_mean, t_std, (t - t_mean) / t_std)
 
     def xs(self, rows: Tensor) -> Tensor:
-        """Standardised hidden states of ``rows``: ``[len(rows), L, H]``."""
-        return (self.x[rows] - self.x_mean) / self.x_std
+        """Standardised hidden states of ``rows``: ``[len(rows), L, H]`` float32 (``x`` may be float16)."""
+        return (self.x[rows].float() - self.x_mean) / self.x_std
 
 
 @register_policy("kvzap_mlp", "mlp")

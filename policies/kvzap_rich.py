@@ -200,19 +200,34 @@ class KVzapRich(TrainableScorer):
         return KVzapMLP(**params)
 
     def _rows(self, X: np.ndarray, positions) -> np.ndarray:
-        """Input rows ``[n, layers, H + extra]`` of hidden states ``X`` at ``positions``, through ``model_``."""
-        n, n_layers, _ = X.shape
+        """Training rows ``[n, layers, H + extra]`` float16 of hidden states ``X`` at ``positions``: half the memory
+        of float32, so that a real model's 1e5 rows x 30 layers fit beside ``X`` (KVzap-MLP's fit computes in
+        float32 batch by batch)."""
+        x, positions = self._checked(X, positions)
+        rows = None
+        for layer in range(x.shape[1]):
+            features = self._layer_rows(x[:, layer], layer, positions)
+            if not torch.isfinite(features.half()).all():
+                raise ValueError(f"kvzap_rich: layer {layer}'s features exceed float16's range (|x| > 65504); "
+                                 "such hidden states or keys are out of what this family can fit")
+            if rows is None:
+                rows = np.empty((x.shape[0], x.shape[1], features.shape[1]), np.float16)
+            rows[:, layer] = features.numpy()
+        return rows
+
+    def _checked(self, X: np.ndarray, positions) -> tuple[Tensor, Tensor]:
+        """``X`` as a tensor and ``positions [n]`` as int64, checked against each other."""
         if positions is None:
             raise ValueError("kvzap_rich needs each row's absolute position: positions=[n] (the dataset's positions_*)")
         positions = torch.as_tensor(np.asarray(positions)).long().reshape(-1)
-        if len(positions) != n:
-            raise ValueError(f"positions must hold one position per row: {n}; got {len(positions)}")
-        x = torch.from_numpy(X)
-        layers = []
-        for layer in range(n_layers):
-            keys, values = attention_inputs(self.model_, layer, x[:, layer], positions)
-            layers.append(pair_features(self._features(), x[:, layer], keys, values, positions, self.gram_[layer]))
-        return torch.stack(layers, dim=1).numpy()
+        if len(positions) != X.shape[0]:
+            raise ValueError(f"positions must hold one position per row: {X.shape[0]}; got {len(positions)}")
+        return torch.from_numpy(X), positions
+
+    def _layer_rows(self, x: Tensor, layer: int, positions: Tensor) -> Tensor:
+        """Input rows ``[n, H + extra]`` float32 of layer ``layer`` for its hidden states ``x [n, H]``, through ``model_``."""
+        keys, values = attention_inputs(self.model_, layer, x, positions)
+        return pair_features(self._features(), x, keys, values, positions, self.gram_[layer])
 
     def _features(self) -> tuple[str, ...]:
         return parse_features(self.features)
@@ -228,9 +243,10 @@ class KVzapRich(TrainableScorer):
         is_numpy = not isinstance(X, Tensor)
         X_np, _ = check_training_data(X)
         self._check_hidden(X_np.shape[-1], X_np.shape[1])
-        rows = torch.from_numpy(self._rows(X_np, positions))
+        x, positions = self._checked(X_np, positions)
         with torch.no_grad():
-            y = torch.stack([self._predict_layer(rows[:, layer], layer) for layer in range(rows.shape[1])], dim=1)
+            y = torch.stack([self._predict_layer(self._layer_rows(x[:, layer], layer, positions), layer)
+                             for layer in range(x.shape[1])], dim=1)
         return y.numpy() if is_numpy else y.to(X.device)
 
     def score(self, hidden: Tensor, layer: int, *, keys=None, values=None, positions=None) -> Tensor:
