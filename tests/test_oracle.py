@@ -239,12 +239,17 @@ def test_testbed_matches_eager_reference(testbed):
 
 
 GOLDEN = Path(__file__).parent / "golden" / "oracle" / "scores-aadc42f.safetensors"
+# Golden scores were written on another machine: float32 rounding through the layers differs between CPUs (on a
+# Xeon with AVX-512: up to 1.5e-5 on the test bed's log-scores and 3.4e-5 on SmolLM2's 30 layers from kvpress's
+# golden files, beyond 1e-5). A difference of definition moves log-scores by more than 1 (check_kvpress_golden's
+# last assert), so 1e-4 still tells the definitions apart.
+GOLDEN_ATOL = 1e-4
 
 
 def test_equals_the_previous_oracle(testbed, path):
     """The fused oracle equals the oracle before it (commit aadc42f, tests/golden/oracle/make_scores.py) on the
-    test bed and a tiny random Llama, batched, chunked and unchunked: within 1e-5 on log-scores, 2e-5 on the test
-    bed's log-scores of up to 11 (fp32 rounding: both are 2-4e-5 from a float64 eager reference there)."""
+    test bed and a tiny random Llama, batched, chunked and unchunked: within ``GOLDEN_ATOL`` on log-scores (fp32
+    rounding: both are 2-4e-5 from a float64 eager reference on the test bed's log-scores of up to 11)."""
     from safetensors import safe_open
 
     model, tokenizer = testbed
@@ -259,8 +264,7 @@ def test_equals_the_previous_oracle(testbed, path):
         contexts = [golden[f"{name}.{i}.ids"].tolist() for i in range(n)]
         results = score_contexts(target, template, contexts, **case)
         for i, result in enumerate(results):
-            atol = 2e-5 if target is model else 1e-5
-            torch.testing.assert_close(result.scores, golden[f"{name}.{i}.scores"], atol=atol, rtol=0, msg=name)
+            torch.testing.assert_close(result.scores, golden[f"{name}.{i}.scores"], atol=GOLDEN_ATOL, rtol=0, msg=name)
 
 
 def test_the_fused_kernel_serves_plain_causal_models_and_sliding_windows_fall_back(monkeypatch):
@@ -298,10 +302,10 @@ def check_kvpress_golden(model, tokenizer, name, unchunked=True):
     assert list(template.middle) + prompt[start:end] == golden["repeat_ids_0"][0].tolist()
     expected = golden["scores"][..., start:end].log()
     got = oracle_scores(model, tokenizer, prompt[start:end], definition="kvpress")
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, expected, atol=GOLDEN_ATOL, rtol=0)
     if unchunked:
         whole = oracle_scores(model, tokenizer, prompt[start:end], definition="kvpress", chunk_size=None)
-        torch.testing.assert_close(whole, expected, atol=2e-5, rtol=0)
+        torch.testing.assert_close(whole, expected, atol=GOLDEN_ATOL, rtol=0)
     paper = oracle_scores(model, tokenizer, prompt[start:end])
     assert (paper - expected).abs().max() > 1.0  # the two definitions differ
 
