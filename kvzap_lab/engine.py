@@ -5,7 +5,8 @@
 loop with chunked prefill built on it. Semantics are DMS/KVzap's:
 
 - every new token (prefill chunk or decode step) is scored from the hidden state entering each attention layer
-  as it arrived, with its keys/values/positions; the score is stored with the pair (a scorer with
+  as it arrived, with its keys/values/positions (and, for a scorer with ``context`` k, the hidden states of the
+  k tokens before, kept per layer and row in the cache: ``CompactLayer.recent``); the score is stored with the pair (a scorer with
   ``accumulates_attention`` also gets, at every step, the attention mass the pair receives, summed over the
   query heads of its KV group);
 - at each eviction point (after every multi-token forward, and every ``evict_every`` decode steps) the pairs
@@ -359,17 +360,25 @@ def _score_pending(run: EvictionRun, idx: int) -> None:
     layer = run.cache.layers[idx]
     b, t, n = hidden.shape[0], hidden.shape[1], layer.used
     kv_heads = layer.index.shape[1]
+    scorer = run.policy.scorer
     if run.fused is not None:
         new = score_and_threshold(hidden, run.fused[idx], 0.0)[0]  # the rule thresholds later, with the window
     else:
         keys, values = layer.gather(n - t, n)
-        new = run.policy.scorer.score(hidden, idx, keys=keys, values=values, positions=layer.positions[:, 0, n - t : n])
+        context = {"previous": layer.advance_recent(hidden, scorer.context)} if scorer.context else {}
+        new = scorer.score(hidden, idx, keys=keys, values=values, positions=layer.positions[:, 0, n - t : n], **context)
     if new.shape != (b, kv_heads, t):
         raise ValueError(
             f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {idx}; "
             f"expected [batch, kv_heads, new tokens] = {[b, kv_heads, t]} (trained for another model?)"
         )
     layer.scores[:, :, n - t : n] = new
+
+
+def _scored_hidden(scorer, hidden: Tensor, valid: Tensor | None) -> Tensor:
+    """The hidden states ``[b, q, D]`` buffered for scoring: as they are, or zeros on padding (``valid [b, q]``
+    False) for a scorer with ``context``, whose previous tokens before a row's start are zeros."""
+    return hidden if not scorer.context or valid is None else hidden.masked_fill(~valid[..., None], 0.0)
 
 
 def _score_all_pending(run: EvictionRun) -> None:
@@ -405,7 +414,7 @@ def _attend(run: EvictionRun):
         grouped = query.reshape(b, kv_heads, group * q, d)
         scale = kwargs.get("scaling")
         if scorer is not None:
-            run._pending.setdefault(idx, []).append(run._captured[idx])
+            run._pending.setdefault(idx, []).append(_scored_hidden(scorer, run._captured[idx], cache.step.valid))
         if accumulates:  # scores must exist before this step's attention mass is added to them
             _score_pending(run, idx)
             logits = grouped @ key.transpose(-1, -2) * (scale if scale is not None else d**-0.5)
@@ -736,7 +745,8 @@ class Prefill:
             cache.begin_step(self.positions, self.mask.bool())
             run.cache = cache
             if policy is not None:
-                run._pending = {idx: [hidden] for idx, hidden in enumerate(self.hidden)}
+                valid = self.mask.bool()
+                run._pending = {idx: [_scored_hidden(policy.scorer, hidden, valid)] for idx, hidden in enumerate(self.hidden)}
             _end_forward(run)  # the prefill's eviction point and compaction under this policy
             return _greedy(self.model, cache, self.logits, max_new_tokens, eos_token_id, expected)
 
