@@ -196,12 +196,19 @@ class CompactLayer(CacheLayerMixin):
         pos = self.positions[:, :, : self.used]
         return self.alive[:, :, : self.used] & (pos <= outside_window(last_positions, window)[:, None, None]) & (pos >= sinks)
 
-    def advance_recent(self, hidden: Tensor, k: int) -> Tensor:
-        """The hidden states ``[b, k, D]`` of the ``k`` tokens before ``hidden [b, t, D]`` (the next tokens scored;
-        zeros before the row's first token), then remember the last ``k`` with ``hidden``'s tokens."""
-        previous = self.recent if self.recent is not None else hidden.new_zeros(hidden.shape[0], k, hidden.shape[2])
-        self.recent = torch.cat([previous, hidden], dim=1)[:, hidden.shape[1] :].contiguous()
-        return previous
+    def advance_recent(self, hidden: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """For a scorer that reads the ``k`` previous tokens: ``(previous [b, k, D], arranged [b, t, D], source [b, t])``,
+        the new tokens ``hidden [b, t, D]`` (``valid [b, t]`` False on padding) after the row's last ``k`` real ones
+        (zeros before its first) with each row's padding moved first, so that in ``[previous, arranged]`` the row's
+        new real tokens come last, right after its ``k`` previous real ones; ``source``: the index among the new
+        tokens of each arranged one (negative: a previous token, whose score is not used). Remembers the last ``k``
+        real tokens."""
+        b, t, d = hidden.shape
+        recent = self.recent if self.recent is not None else hidden.new_zeros(b, k, d)
+        order = torch.cat([valid.new_ones(b, k), valid], dim=1).long().argsort(dim=1, stable=True)  # padding first
+        arranged = torch.cat([recent, hidden.to(recent.dtype)], dim=1).gather(1, order[..., None].expand(-1, -1, d))
+        self.recent = arranged[:, t:].contiguous()
+        return arranged[:, :k], arranged[:, k:], order[:, k:] - k
 
     def drop(self, evict: Tensor) -> None:
         """Mark the slots in ``evict [b, kv_heads, used]`` as free (they leave at the next :meth:`compact`)."""

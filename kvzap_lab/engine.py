@@ -283,6 +283,9 @@ class EvictionRun:
         """Start a new sequence in batch row ``row`` of the cache (its pairs die; its positions and offers restart)."""
         if self._offered is not None and self._offered.count[row] > 0:
             raise RuntimeError(f"row {row} has offered pairs awaiting decide(): decide them before restarting the row")
+        if self.policy is not None and self.policy.scorer.context:  # the row's old tokens must not precede its new ones
+            for idx in list(self._pending):
+                _score_pending(self, idx)
         self.cache.restart_row(row)
         if self._next_offer is not None:
             self._next_offer[row] = self.offer.sinks
@@ -365,20 +368,23 @@ def _score_pending(run: EvictionRun, idx: int) -> None:
         new = score_and_threshold(hidden, run.fused[idx], 0.0)[0]  # the rule thresholds later, with the window
     else:
         keys, values = layer.gather(n - t, n)
-        context = {"previous": layer.advance_recent(hidden, scorer.context)} if scorer.context else {}
-        new = scorer.score(hidden, idx, keys=keys, values=values, positions=layer.positions[:, 0, n - t : n], **context)
+        positions = layer.positions[:, 0, n - t : n]
+        if scorer.context:  # the pending tokens are alive exactly where they are real (nothing evicted them yet)
+            previous, hidden, source = layer.advance_recent(hidden, layer.alive[:, 0, n - t : n], scorer.context)
+            pick = source.clamp_min(0)
+            keys, values = (x.gather(2, pick[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])) for x in (keys, values))
+            new = scorer.score(hidden, idx, keys=keys, values=values, positions=positions.gather(1, pick), previous=previous)
+        else:
+            new = scorer.score(hidden, idx, keys=keys, values=values, positions=positions)
     if new.shape != (b, kv_heads, t):
         raise ValueError(
             f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {idx}; "
             f"expected [batch, kv_heads, new tokens] = {[b, kv_heads, t]} (trained for another model?)"
         )
+    if scorer.context:  # back to the slots' order; a previous token's score (source < 0) is dropped
+        k = scorer.context
+        new = new.new_zeros(b, kv_heads, k + t).scatter_(2, (source + k)[:, None].expand(-1, kv_heads, -1), new)[:, :, k:]
     layer.scores[:, :, n - t : n] = new
-
-
-def _scored_hidden(scorer, hidden: Tensor, valid: Tensor | None) -> Tensor:
-    """The hidden states ``[b, q, D]`` buffered for scoring: as they are, or zeros on padding (``valid [b, q]``
-    False) for a scorer with ``context``, whose previous tokens before a row's start are zeros."""
-    return hidden if not scorer.context or valid is None else hidden.masked_fill(~valid[..., None], 0.0)
 
 
 def _score_all_pending(run: EvictionRun) -> None:
@@ -414,7 +420,7 @@ def _attend(run: EvictionRun):
         grouped = query.reshape(b, kv_heads, group * q, d)
         scale = kwargs.get("scaling")
         if scorer is not None:
-            run._pending.setdefault(idx, []).append(_scored_hidden(scorer, run._captured[idx], cache.step.valid))
+            run._pending.setdefault(idx, []).append(run._captured[idx])
         if accumulates:  # scores must exist before this step's attention mass is added to them
             _score_pending(run, idx)
             logits = grouped @ key.transpose(-1, -2) * (scale if scale is not None else d**-0.5)
@@ -745,8 +751,7 @@ class Prefill:
             cache.begin_step(self.positions, self.mask.bool())
             run.cache = cache
             if policy is not None:
-                valid = self.mask.bool()
-                run._pending = {idx: [_scored_hidden(policy.scorer, hidden, valid)] for idx, hidden in enumerate(self.hidden)}
+                run._pending = {idx: [hidden] for idx, hidden in enumerate(self.hidden)}
             _end_forward(run)  # the prefill's eviction point and compaction under this policy
             return _greedy(self.model, cache, self.logits, max_new_tokens, eos_token_id, expected)
 

@@ -195,10 +195,12 @@ class Scorer:
     - ``accumulates_attention`` (default False): the engine adds, at every step, the attention mass each held
       pair receives (summed over the query heads of its KV group) to its stored score (H2O/TOVA-like).
     - ``context`` (default 0): how many previous hidden states ``score()`` reads. When > 0 the engine also passes
-      ``previous [b, context, hidden]``: the hidden states entering the layer at the ``context`` tokens before the
-      first new one (oldest first; zeros before the start of the sequence and on left padding, and the new
-      tokens' own padding positions are zeroed in ``hidden`` too), so that a token's score is the same whether
-      it arrives in a one-chunk prefill, a chunk or a decoding step. With 0, ``score()`` gets no ``previous``.
+      ``previous [b, context, hidden]`` (oldest first) and moves each row's padding first: in ``[previous, hidden]``
+      each row's new real tokens come last, right after the hidden states of its ``context`` real tokens before
+      them (zeros before the start of the sequence); padding and previous tokens in ``hidden``'s slots get scores
+      that are not used. So a token's score is the same whether it arrives in a one-chunk prefill, a chunk or a
+      decoding step, padded or not. With 0, ``score()``
+      gets no ``previous``.
     - ``default_rule`` (default None): the rule :func:`get_policy` uses when given none (None: ``Threshold()``,
       tau -6 on log KVzip+); evaluation sweeps taus for a scorer declaring a finite :class:`Threshold` and
       budgets (keep ratios) otherwise, since the scale of undeclared scores is unknown.

@@ -31,8 +31,7 @@ from torch import Tensor
 from kvzap_lab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, _positive_int, check_weights
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP, StandardisedRows, fit_per_layer, init_maps
 from kvzap_lab.policy import register_policy
-from kvzap_lab.surrogate import (Interval, TrainableScorer, _as_numpy, check_training_data, limited_threads,
-                                 training_facts)
+from kvzap_lab.surrogate import Interval, TrainableScorer, check_training_data, limited_threads, training_facts
 
 MODEL_TYPE = "kvzap_lab_local_mlp"
 MAX_CONTEXT = 64
@@ -103,10 +102,11 @@ class KVzapLocal(TrainableScorer):
             self._fit(X, y, previous)
         return self
 
-    def _previous(self, previous, X: np.ndarray) -> np.ndarray:
-        """The last ``context`` of each row's previous hidden states, checked against ``X``: ``[n, context, L, H]``."""
+    def _previous(self, previous, X: np.ndarray) -> Tensor:
+        """The last ``context`` of each row's previous hidden states, checked against ``X``: ``[n, context, L, H]``,
+        a view in the given dtype (float16 and bfloat16 stay so: batches are converted to float32 as they are read)."""
         if self.context == 0:
-            return np.zeros((len(X), 0, *X.shape[1:]), np.float32)
+            return torch.zeros(len(X), 0, *X.shape[1:])
         if previous is None:
             raise ValueError(f"kvzap_local reads each row's {self.context} previous hidden states: previous=[n, >= "
                              f"{self.context}, layers, hidden] (a dataset collected with --neighbours {self.context} or more)")
@@ -114,14 +114,17 @@ class KVzapLocal(TrainableScorer):
         if len(shape) != 4 or shape[0] != len(X) or shape[2:] != X.shape[1:] or shape[1] < self.context:
             raise ValueError(f"previous must be [n, >= {self.context}, layers, hidden] = [{len(X)}, >= {self.context}, "
                              f"{X.shape[1]}, {X.shape[2]}] (context {self.context}); got {list(shape)}")
-        return _as_numpy(previous[:, shape[1] - self.context :], "previous")
+        previous = torch.as_tensor(previous)[:, shape[1] - self.context :]
+        if not previous.is_floating_point() or not torch.isfinite(previous).all():
+            raise ValueError("previous must hold finite floats (hidden states); clean the dataset")
+        return previous
 
-    def _fit(self, X: np.ndarray, y: np.ndarray, previous: np.ndarray) -> None:
+    def _fit(self, X: np.ndarray, y: np.ndarray, previous: Tensor) -> None:
         _, n_layers, hidden = X.shape
         width = self.width or max(1, hidden // 8)
         generator = torch.Generator().manual_seed(self.seed)
         data = StandardisedRows.split(X, y, self.validation_fraction, generator)
-        ts, before = data.ts, torch.from_numpy(previous)
+        ts, before = data.ts, previous
         (W1, b1), (W2, b2) = init_maps(n_layers, [hidden, width, y.shape[2]], generator)
         conv = torch.zeros(n_layers, width, self.context + 1)
         conv[..., 0] = 1.0
@@ -159,9 +162,9 @@ class KVzapLocal(TrainableScorer):
         is_numpy = not isinstance(X, Tensor)
         X_np, _ = check_training_data(X)
         self._check_hidden(X_np.shape[-1], X_np.shape[1])
-        before, x = torch.from_numpy(self._previous(previous, X_np)), torch.from_numpy(X_np)
+        before, x = self._previous(previous, X_np), torch.from_numpy(X_np)
         with torch.no_grad():
-            y = torch.stack([self._score_windows(torch.cat([before[:, :, layer], x[:, layer, None]], 1), layer)[:, 0]
+            y = torch.stack([self._score_windows(torch.cat([before[:, :, layer].float(), x[:, layer, None]], 1), layer)[:, 0]
                              for layer in range(x.shape[1])], dim=1)
         return y.numpy() if is_numpy else y.to(X.device)
 

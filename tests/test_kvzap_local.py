@@ -15,7 +15,7 @@ import torch
 from kvzap_lab import cli, collect, data
 from kvzap_lab.cache import CompactCache
 from kvzap_lab.checkpoint import CheckpointError
-from kvzap_lab.engine import generate, prefill
+from kvzap_lab.engine import evicting, generate, prefill
 from kvzap_lab.model import describe, load_model
 from kvzap_lab.policies.kvzap_local import KVzapLocal
 from kvzap_lab.policies.kvzap_mlp import KVzapMLP
@@ -113,6 +113,17 @@ def scores_by_position(calls, n_layers: int) -> dict[tuple[int, int, int], torch
     return out
 
 
+def stored_scores(cache: CompactCache) -> dict[tuple[int, int, int], torch.Tensor]:
+    """``{(row, layer, position): scores [kv_heads]}`` the engine stored for the held (real) tokens."""
+    out = {}
+    for idx, layer in enumerate(cache.layers):
+        for row in range(layer.alive.shape[0]):
+            held = layer.alive[row, 0, : layer.used]
+            for position, scores in zip(layer.positions[row, 0, : layer.used][held].tolist(), layer.scores[row, :, : layer.used][:, held].T):
+                out[row, idx, position] = scores
+    return out
+
+
 def run(model, scorer, prompts, chunk_size: int, evict_every: int = 1, new_tokens: int = 7):
     recording = Recording(scorer)
     generate(model, prompts, Policy("local", recording, Threshold(tau=-1e9, window=4, sinks=1)), new_tokens,
@@ -163,17 +174,54 @@ def test_a_branch_of_a_shared_prefill_scores_as_its_own_prefill(testbed, scorer)
         torch.testing.assert_close(branched[key], value, atol=2e-5, rtol=1e-5)
 
 
-def test_the_cache_keeps_recent_hidden_states_per_row_through_forks_and_restarts():
+def test_the_cache_keeps_recent_hidden_states_per_row_through_padding_forks_and_restarts():
     cache = CompactCache(1)
     layer = cache.layers[0]
-    first = torch.arange(2 * 3 * 2.0).view(2, 3, 2)
-    assert layer.advance_recent(first, 2).abs().sum() == 0  # zeros before the start
+    first = torch.arange(1.0, 13.0).view(2, 3, 2)
+    real = torch.tensor([[True, True, True], [False, True, True]])  # row 1: one padding token first
+    previous, arranged, source = layer.advance_recent(first, real, 2)
+    assert source.tolist() == [[0, 1, 2], [-1, 1, 2]]  # row 1's padding moved first, a previous token in its slot
+    stream = torch.cat([previous, arranged], dim=1)  # each row: 2 previous tokens (zeros: before the start), then its own
+    torch.testing.assert_close(stream[0], torch.cat([torch.zeros(2, 2), first[0]]))
+    torch.testing.assert_close(stream[1, 1:], torch.cat([torch.zeros(2, 2), first[1, 1:]]))
     twin = cache.fork()
-    torch.testing.assert_close(layer.advance_recent(torch.zeros(2, 1, 2), 2), first[:, 1:])
+    previous, _, _ = layer.advance_recent(torch.zeros(2, 1, 2), torch.tensor([[True], [False]]), 2)
+    torch.testing.assert_close(previous[0], first[0, 1:])
+    torch.testing.assert_close(layer.recent[1], first[1, 1:])  # row 1 fed padding only: its previous tokens stay
     torch.testing.assert_close(twin.layers[0].recent, first[:, 1:])  # the fork has its own copy
     cache.real_seen = torch.tensor([5, 5])
     cache.restart_row(1)
     assert layer.recent[1].abs().sum() == 0 and layer.recent[0].abs().sum() > 0
+
+
+def test_rows_padded_between_their_tokens_score_as_if_alone(testbed, scorer):
+    """Rows fed different numbers of tokens in one forward (the env's batches): padding in the middle of a row's
+    stream is skipped, its previous tokens are its real ones."""
+    model, _ = testbed
+    tokens = torch.randint(5, 800, (2, 12), generator=torch.Generator().manual_seed(5))
+    feeds = [(tokens[:, :4], None), (tokens[:, 4:9], [5, 2]), (tokens[:, 9:12], [3, 3])]  # row 1 lags: 2 of 5, ...
+    policy = Policy("local", scorer, Threshold(tau=-1e9, window=64, sinks=1))
+    with evicting(model, policy) as run:
+        cache, fed, masks = run.new_cache(), [[], []], []
+        for ids, counts in feeds:
+            counts = counts or [ids.shape[1]] * 2
+            step = torch.zeros_like(ids)
+            real = torch.zeros(ids.shape, dtype=torch.long)
+            for row, count in enumerate(counts):  # left-padded: each row's next `count` tokens at the end
+                take = tokens[row, len(fed[row]) : len(fed[row]) + count]
+                step[row, ids.shape[1] - count :] = take
+                real[row, ids.shape[1] - count :] = 1
+                fed[row] += take.tolist()
+            masks.append(real)
+            model(input_ids=step, attention_mask=torch.cat(masks, 1), cache=cache)
+    ragged = stored_scores(cache)
+    assert len(ragged) == (12 + 9) * describe(model).n_layers  # row 1 fed 4 + 2 + 3 tokens
+    for row in range(2):
+        with evicting(model, policy) as run:
+            alone = run.new_cache()
+            model(input_ids=torch.tensor([fed[row]]), cache=alone)
+        for (_, layer, position), value in stored_scores(alone).items():
+            torch.testing.assert_close(ragged[row, layer, position], value, atol=2e-5, rtol=1e-5, msg=f"row {row}")
 
 
 def test_save_load_round_trip(tmp_path, synthetic):
@@ -230,9 +278,16 @@ def test_missing_or_short_previous_states_are_one_line_errors(synthetic):
     with pytest.raises(ValueError, match=r"^previous must be \[n, >= 8, layers, hidden\] = \[4000, >= 8, 2, 24\] "
                                          r"\(context 8\); got \[4000, 4, 2, 24\]$"):
         KVzapLocal(context=8).fit(X, y, previous=previous)
+    broken = previous.copy()
+    broken[5, 0, 1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"^previous must hold finite floats \(hidden states\); clean the dataset$"):
+        KVzapLocal(context=4).fit(X, y, previous=broken)
     fitted = KVzapLocal(context=1, width=4, epochs=1).fit(X, y, previous=previous)
     with pytest.raises(ValueError, match=r"^kvzap_local scores from the 1 previous hidden states"):
         fitted.score(torch.zeros(1, 3, 24), 0)
+    # float16 previous states (a real model's storage dtype) are read batch by batch in float32
+    half = KVzapLocal(context=1, width=4, epochs=1).fit(X, y, previous=torch.from_numpy(previous).half())
+    np.testing.assert_allclose(half.predict(X, previous=previous), fitted.predict(X, previous=previous), atol=0.05)
 
 
 @pytest.fixture(scope="module")
