@@ -283,9 +283,6 @@ class EvictionRun:
         """Start a new sequence in batch row ``row`` of the cache (its pairs die; its positions and offers restart)."""
         if self._offered is not None and self._offered.count[row] > 0:
             raise RuntimeError(f"row {row} has offered pairs awaiting decide(): decide them before restarting the row")
-        if self.policy is not None and self.policy.scorer.context:  # the row's old tokens must not precede its new ones
-            for idx in list(self._pending):
-                _score_pending(self, idx)
         self.cache.restart_row(row)
         if self._next_offer is not None:
             self._next_offer[row] = self.offer.sinks

@@ -224,6 +224,28 @@ def test_rows_padded_between_their_tokens_score_as_if_alone(testbed, scorer):
             torch.testing.assert_close(ragged[row, layer, position], value, atol=2e-5, rtol=1e-5, msg=f"row {row}")
 
 
+def test_a_restarted_row_scores_its_new_sequence_as_a_fresh_run(testbed, scorer):
+    """A row restarted while decoded tokens of its old sequence still await scoring (``evict_every`` 4): its new
+    tokens' previous tokens are zeros, not the old sequence's (the old ones are dead: no real token precedes)."""
+    model, _ = testbed
+    old, new = list(range(5, 25)), list(range(100, 112))
+    policy = Policy("local", scorer, Threshold(tau=-1e9, window=64, sinks=1))
+    with evicting(model, policy, evict_every=4) as run:
+        cache = run.new_cache()
+        model(input_ids=torch.tensor([old]), cache=cache)
+        for token in (30, 31):  # decoded, not scored yet
+            model(input_ids=torch.tensor([[token]]), cache=cache)
+        run.restart_row(0)
+        model(input_ids=torch.tensor([new]), cache=cache)
+    with evicting(model, policy) as run:
+        fresh = run.new_cache()
+        model(input_ids=torch.tensor([new]), cache=fresh)
+    restarted, expected = stored_scores(cache), stored_scores(fresh)
+    assert restarted.keys() == expected.keys() and len(expected) == len(new) * describe(model).n_layers
+    for key, value in expected.items():
+        torch.testing.assert_close(restarted[key], value, atol=2e-5, rtol=1e-5)
+
+
 def test_save_load_round_trip(tmp_path, synthetic):
     X, previous, y, cut = synthetic
     local = KVzapLocal(context=2, width=6, epochs=2).fit(X[:cut], y[:cut], previous=previous[:cut], manifest={"model_fingerprint": "m"})
