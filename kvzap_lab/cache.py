@@ -360,7 +360,8 @@ class CompactCache(Cache):
 
     def fork(self) -> "CompactCache":
         """A copy that later steps change without touching this cache: the slot tables and ``recent`` hidden states
-        are copied, keys and values shared read-only (trimmed to the stored rows, so the fork's first append or compaction writes new storage)."""
+        are copied, keys and values shared read-only (trimmed to the stored rows, so the fork's first append or
+        compaction writes new storage)."""
         twin = CompactCache(len(self.layers))
         twin.seen, twin.real_seen = self.seen, None if self.real_seen is None else self.real_seen.clone()
         for mine, theirs in zip(twin.layers, self.layers):

@@ -6,9 +6,9 @@ loop with chunked prefill built on it. Semantics are DMS/KVzap's:
 
 - every new token (prefill chunk or decode step) is scored from the hidden state entering each attention layer
   as it arrived, with its keys/values/positions (and, for a scorer with ``context`` k, the hidden states of the
-  k tokens before, kept per layer and row in the cache: ``CompactLayer.recent``); the score is stored with the pair (a scorer with
-  ``accumulates_attention`` also gets, at every step, the attention mass the pair receives, summed over the
-  query heads of its KV group);
+  k tokens before, kept per layer and row in the cache: ``CompactLayer.recent``); the score is stored with the
+  pair (a scorer with ``accumulates_attention`` also gets, at every step, the attention mass the pair receives,
+  summed over the query heads of its KV group);
 - at each eviction point (after every multi-token forward, and every ``evict_every`` decode steps) the pairs
   that left the sliding window (``rule.window`` most recent tokens of the row) and are not sinks (``rule.sinks``
   first tokens) are offered to ``rule.keep``; the others are evicted. The token just decoded is never offered.
@@ -378,7 +378,7 @@ def _score_pending(run: EvictionRun, idx: int) -> None:
             f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {idx}; "
             f"expected [batch, kv_heads, new tokens] = {[b, kv_heads, t]} (trained for another model?)"
         )
-    if scorer.context:  # back to the slots' order; a previous token's score (source < 0) is dropped
+    if run.fused is None and scorer.context:  # back to the slots' order; a previous token's score (source < 0) is dropped
         k = scorer.context
         new = new.new_zeros(b, kv_heads, k + t).scatter_(2, (source + k)[:, None].expand(-1, kv_heads, -1), new)[:, :, k:]
     layer.scores[:, :, n - t : n] = new
