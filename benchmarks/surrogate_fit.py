@@ -1,5 +1,5 @@
-"""Linear vs MLP vs boosted-tree vs shared-across-layers vs rich-input scorers on the same train/test split: held-out R², Spearman, training
-seconds, and scorer FLOPs per token as a fraction of the model's linear-projection FLOPs per token.
+"""Linear vs MLP vs boosted-tree vs shared-across-layers vs rich-input vs local-context scorers on the same train/test split: held-out
+R², Spearman, training seconds, and scorer FLOPs per token as a fraction of the model's linear-projection FLOPs per token.
 
     python benchmarks/surrogate_fit.py --data DATA_DIR [--model testbed] [--json]
     python benchmarks/surrogate_fit.py --data DATA_DIR --model smollm2-135m --layers 0 6 12 18 24 29 --scorers linear gbdt
@@ -18,7 +18,8 @@ from kvzap_lab.surrogate import projection_flops_per_token, synthetic_split
 from kvzap_lab.data import load_dataset
 from kvzap_lab.train import fit_and_evaluate
 
-SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}, "shared": {}, "rich": {}}  # rich needs --model (it fits through its attention)
+# rich needs --model (it fits through its attention); local needs a dataset collected with --neighbours K (K >= its context)
+SCORERS = {"linear": {}, "mlp": {}, "gbdt": {}, "shared": {}, "rich": {}, "local": {}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -29,23 +30,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", help=f"model whose linear projections set the FLOPs baseline: {MODEL_HELP}")
     parser.add_argument("--set", action="append", default=[], metavar="SCORER.KEY=VALUE", help="e.g. mlp.epochs=5")
     parser.add_argument("--scorers", nargs="+", choices=list(SCORERS), help="scorers to fit (default: all; rich "
-                        "only with --model and every layer)")
+                        "only with --model and every layer, local only on data with --neighbours)")
     parser.add_argument("--layers", nargs="+", type=int, help="fit and score these layers only (the dataset's other "
                         "layers are not loaded): a cheaper comparison on a real model's data")
     parser.add_argument("--json", action="store_true", help="print all rows as JSON on the last line")
     args = parser.parse_args(argv)
 
-    scorers = args.scorers or [name for name in SCORERS if name != "rich" or (args.model and args.data and not args.layers)]
-    params = {name: dict(SCORERS[name]) for name in scorers}
-    for item in args.set:
-        target, _, value = item.partition("=")
-        name, _, key = target.partition(".")
-        params[name][key] = json.loads(value)
     model = load_model(args.model)[0] if args.model else None
     if args.synthetic:
         dataset = synthetic_split(args.synthetic, n_layers=4, hidden=128)
     else:
         dataset = load_dataset(args.data, model=model, layers=args.layers)
+    usable = {"rich": bool(args.model and args.data and not args.layers), "local": dataset.previous_train is not None}
+    scorers = args.scorers or [name for name in SCORERS if usable.get(name, True)]
+    params = {name: dict(SCORERS[name]) for name in scorers}
+    for item in args.set:
+        target, _, value = item.partition("=")
+        name, _, key = target.partition(".")
+        params[name][key] = json.loads(value)
     baseline = projection_flops_per_token(model.config) if model is not None and not args.layers else None
 
     rows = []

@@ -7,7 +7,9 @@ allocated per ``(b, head)`` row:
 - ``index`` ``[b, kv_heads, capacity]`` int64: the row of ``keys``/``values`` behind each slot;
 - ``positions`` ``[b, kv_heads, capacity]`` int64: the absolute (RoPE) position of the pair in each slot;
 - ``scores`` ``[b, kv_heads, capacity]`` float32: the policy's stored score of the pair;
-- ``alive`` ``[b, kv_heads, capacity]`` bool: whether the slot holds a pair (False: evicted, padding or a hole).
+- ``alive`` ``[b, kv_heads, capacity]`` bool: whether the slot holds a pair (False: evicted, padding or a hole);
+- ``recent`` ``[b, k, hidden]`` (or None): the hidden states entering the layer at each row's last ``k`` scored
+  tokens, for a scorer that reads ``k`` previous ones (:meth:`CompactLayer.advance_recent`).
 
 New tokens take slots ``[n, n + t)`` of every row and new stored rows, in slot-major order: the pair of
 slot ``s`` of row ``(b, head)`` goes to stored row ``offset + s * rows + b * kv_heads + head`` (``rows`` =
@@ -97,6 +99,7 @@ class CompactLayer(CacheLayerMixin):
         self.positions: Tensor | None = None
         self.scores: Tensor | None = None
         self.alive: Tensor | None = None
+        self.recent: Tensor | None = None
         self.used = 0
         self.stored = 0
         self.offset = 0  # stored row of slot s of row r (= b * kv_heads + head): offset + s * b * kv_heads + r
@@ -192,6 +195,20 @@ class CompactLayer(CacheLayerMixin):
         """
         pos = self.positions[:, :, : self.used]
         return self.alive[:, :, : self.used] & (pos <= outside_window(last_positions, window)[:, None, None]) & (pos >= sinks)
+
+    def advance_recent(self, hidden: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """For a scorer that reads the ``k`` previous tokens: ``(previous [b, k, D], arranged [b, t, D], source [b, t])``,
+        the new tokens ``hidden [b, t, D]`` (``valid [b, t]`` False on padding) after the row's last ``k`` real ones
+        (zeros before its first) with each row's padding moved first, so that in ``[previous, arranged]`` the row's
+        new real tokens come last, right after its ``k`` previous real ones; ``source``: the index among the new
+        tokens of each arranged one (negative: a previous token, whose score is not used). Remembers the last ``k``
+        real tokens."""
+        b, t, d = hidden.shape
+        recent = self.recent if self.recent is not None else hidden.new_zeros(b, k, d)
+        order = torch.cat([valid.new_ones(b, k), valid], dim=1).long().argsort(dim=1, stable=True)  # padding first
+        arranged = torch.cat([recent, hidden.to(recent.dtype)], dim=1).gather(1, order[..., None].expand(-1, -1, d))
+        self.recent = arranged[:, t:].contiguous()
+        return arranged[:, :k], arranged[:, k:], order[:, k:] - k
 
     def drop(self, evict: Tensor) -> None:
         """Mark the slots in ``evict [b, kv_heads, used]`` as free (they leave at the next :meth:`compact`)."""
@@ -330,17 +347,21 @@ class CompactCache(Cache):
 
     def restart_row(self, row: int) -> None:
         """Empty batch row ``row`` so that a new sequence can start in it (its pairs die and leave at the next
-        :meth:`compact`; its positions restart at 0); the other rows are untouched."""
+        :meth:`compact`; its positions restart at 0; its ``recent`` hidden states are zeroed); the other rows are
+        untouched."""
         if self.real_seen is None:
             return
         self.real_seen[row] = 0
         for layer in self.layers:
             if layer.is_initialized:
                 layer.alive[row, :, : layer.used] = False
+            if layer.recent is not None:
+                layer.recent[row] = 0
 
     def fork(self) -> "CompactCache":
-        """A copy that later steps change without touching this cache: the slot tables are copied, keys and values
-        shared read-only (trimmed to the stored rows, so the fork's first append or compaction writes new storage)."""
+        """A copy that later steps change without touching this cache: the slot tables and ``recent`` hidden states
+        are copied, keys and values shared read-only (trimmed to the stored rows, so the fork's first append or
+        compaction writes new storage)."""
         twin = CompactCache(len(self.layers))
         twin.seen, twin.real_seen = self.seen, None if self.real_seen is None else self.real_seen.clone()
         for mine, theirs in zip(twin.layers, self.layers):
@@ -351,6 +372,7 @@ class CompactCache(Cache):
                     x.clone() for x in (theirs.index, theirs.positions, theirs.scores, theirs.alive)
                 )
                 mine.used, mine.stored, mine.offset = theirs.used, theirs.stored, theirs.offset
+            mine.recent = None if theirs.recent is None else theirs.recent.clone()
         return twin
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -6,6 +6,8 @@ each gives one row::
 
     X [layers, hidden]    hidden state entering each attention layer at that token (as the model reads the prompt)
     y [layers, kv_heads]  oracle log-score of that token's KV pair in every KV head
+    previous [K, layers, hidden]   with --neighbours K: X of the K tokens before it, oldest first (zeros before the
+                          context's first token), for scorers that read a local context (``kvzap_local``)
 
 Sources: a real model (anything but ``--model testbed``) reads windows of natural text and code from the lab's
 offline corpus (:mod:`kvzap_lab.corpus`) by default, KVzap-like: 224 windows of 750-1,250 tokens, 500 rows drawn
@@ -209,7 +211,7 @@ def _shard_rows(model, tokenizer, contexts, indices, settings, batch_size, progr
     oracle_settings = settings["oracle"]
     template = oracle.repeat_template(tokenizer, oracle_settings["definition"])
     oracle_kwargs = {k: oracle_settings[k] for k in ("normalize", "chunk_size", "anchor", "definition")}
-    xs, ys, seqs, poss = [], [], [], []
+    xs, ys, seqs, poss, prevs = [], [], [], [], []
     for b0 in range(0, len(indices), batch_size):
         batch = indices[b0 : b0 + batch_size]
         sequences = [_scored_sequence(model, contexts[i], settings["decode_tokens"]) for i in batch]
@@ -223,11 +225,22 @@ def _shard_rows(model, tokenizer, contexts, indices, settings, batch_size, progr
             count = settings["tokens_per_sequence"]
             positions = first + sample_positions(len(ids) - first, count, settings["seed"], index)
             xs.append(hidden[positions].to(getattr(torch, settings["dtype"])).cpu())
+            if settings.get("neighbours"):
+                prevs.append(previous_states(hidden, positions, settings["neighbours"]).to(xs[-1].dtype).cpu())
             ys.append(result.scores[:, :, positions].permute(2, 0, 1).cpu())
             seqs.append(torch.full((len(positions),), index, dtype=torch.int64))
             poss.append(positions)
         progress.update(len(batch))
-    return {"X": torch.cat(xs), "y": torch.cat(ys), "sequence": torch.cat(seqs), "position": torch.cat(poss)}
+    rows = {"X": torch.cat(xs), "y": torch.cat(ys), "sequence": torch.cat(seqs), "position": torch.cat(poss)}
+    return rows | ({"previous": torch.cat(prevs)} if prevs else {})
+
+
+def previous_states(hidden: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """The hidden states of the ``k`` tokens before each of ``positions [n]`` in ``hidden [length, layers, H]``,
+    oldest first: ``[n, k, layers, H]``, zeros before the first token (what the engine passes a scorer with
+    ``context`` k, :class:`kvzap_lab.policy.Scorer`)."""
+    index = positions[:, None] - torch.arange(k, 0, -1)  # [n, k]
+    return hidden[index.clamp_min(0)].masked_fill((index < 0)[:, :, None, None], 0.0)
 
 
 def _split_of_contexts(contexts: list[Context], settings: dict) -> dict[str, list[int]]:
@@ -262,8 +275,8 @@ def collect(
         contexts: the sequences (see :func:`task_contexts`, :func:`corpus_contexts`, :func:`text_contexts`).
         out: the dataset directory.
         settings: ``seed, test_fraction, tokens_per_sequence, decode_tokens, dtype, oracle{normalize, chunk_size,
-            anchor[, definition]}``, a ``source`` description and ``model_name``; model facts, split, plan and
-            shapes are added here.
+            anchor[, definition]}``, a ``source`` description, ``model_name`` and optionally ``neighbours`` (K > 0:
+            each row also stores its K previous hidden states); model facts, split, plan and shapes are added here.
         shard_size: sequences per shard. batch_size: contexts scored together.
         overwrite: replace a dataset with other settings (one process only).
         num_workers, worker_index: this process takes shards ``worker_index, worker_index + num_workers, ...``.
@@ -422,7 +435,7 @@ def _run(args) -> dict:
         "dtype": args.dtype,
         "oracle": {"normalize": not args.kvzip, "chunk_size": args.chunk_size, "anchor": args.anchor,
                    "definition": args.oracle_definition},
-    }
+    } | ({"neighbours": args.neighbours} if args.neighbours else {})  # absent when 0: earlier datasets stay resumable
     return collect(
         model, tokenizer, contexts, out, settings, shard_size=args.shard_size, batch_size=args.batch_size,
         overwrite=args.overwrite, num_workers=num_workers, worker_index=worker_index,
@@ -450,6 +463,8 @@ def main(argv=None) -> int:
     parser.add_argument("--oracle-definition", choices=oracle.DEFINITIONS, default="paper",
                         help="'paper' (KVzap's labels) or 'kvpress' (KVzipPress's scores)")
     parser.add_argument("--decode-tokens", type=cli.non_negative_int, default=0, help="rows from N generated tokens")
+    parser.add_argument("--neighbours", type=cli.non_negative_int, default=0,
+                        help="also store each row's K previous hidden states (kvzap_local reads up to K)")
     parser.add_argument("--kvzip", action="store_true", help="plain KVzip scores (no ||W_O v||/||h|| factor)")
     parser.add_argument("--dtype", choices=DTYPES, help="storage dtype of X (test bed float32, real model bfloat16)")
     parser.add_argument("--num-workers", type=cli.positive_int, help="processes sharing this dataset (default "

@@ -15,7 +15,9 @@ through :mod:`kvzap_lab.io` (a temporary file moved into place), a shard before 
 
 Each shard holds ``X [n, layers, hidden]`` (hidden state entering each attention layer, in the dataset's storage
 dtype), ``y [n, layers, kv_heads]`` (oracle log-scores, float32), ``sequence [n]`` (the sequence each row comes
-from; the train/test split is by sequence) and ``position [n]`` (the token's offset in its context).
+from; the train/test split is by sequence), ``position [n]`` (the token's offset in its context) and, in a dataset
+collected with ``--neighbours K``, ``previous [n, K, layers, hidden]`` (the hidden states of the K tokens before,
+oldest first, zeros before the context's first token).
 
 :func:`load_dataset` is what training code calls.
 """
@@ -51,7 +53,8 @@ class Dataset:
     """A loaded oracle dataset: ``X_* [n, layers, hidden]``, ``y_* [n, layers, kv_heads]`` float32, ``groups_* [n]``
     int64 sequence ids (for grouped cross-validation), the ``manifest`` dict, and ``positions_* [n]`` int64: the
     position each row's hidden state had in the forward pass that computed it (see :func:`absolute_positions`;
-    None for a dataset whose shards hold no positions)."""
+    None for a dataset whose shards hold no positions), and ``previous_* [n, K, layers, hidden]``: the hidden states of
+    each row's K previous tokens (a dataset collected with ``--neighbours K``; else None)."""
 
     X_train: torch.Tensor
     y_train: torch.Tensor
@@ -62,6 +65,8 @@ class Dataset:
     groups_test: torch.Tensor
     positions_train: torch.Tensor | None = None
     positions_test: torch.Tensor | None = None
+    previous_train: torch.Tensor | None = None
+    previous_test: torch.Tensor | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -181,6 +186,8 @@ def _read_shard(directory: Path, entry: dict, layers: list[int] | None) -> dict[
             for key in handle.keys():
                 if key in ("X", "y") and layers is not None:
                     tensors[key] = handle.get_slice(key)[:, layers[0] : layers[-1] + 1][:, [i - layers[0] for i in layers]]
+                elif key == "previous" and layers is not None:
+                    tensors[key] = handle.get_slice(key)[:, :, layers[0] : layers[-1] + 1][:, :, [i - layers[0] for i in layers]]
                 else:
                     tensors[key] = handle.get_tensor(key)
             return tensors
@@ -267,6 +274,7 @@ def load_dataset(
         return out
 
     x_tail, y_tail = (n_layers, shapes["hidden"]), (n_layers, shapes["kv_heads"])
+    k = manifest.get("neighbours", 0)
     return Dataset(
         X_train=cat("train", "X", x_tail, dtype or stored),
         y_train=cat("train", "y", y_tail, torch.float32),
@@ -277,4 +285,5 @@ def load_dataset(
         groups_test=cat("test", "sequence", (), torch.int64),
         **{f"positions_{split}": absolute_positions(manifest, cat(split, "position", (), torch.int64))
            if all("position" in shard for shard in parts[split]) else None for split in SPLITS},
+        **{f"previous_{split}": cat(split, "previous", (k, *x_tail), dtype or stored) if k else None for split in SPLITS},
     )

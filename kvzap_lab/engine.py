@@ -5,9 +5,10 @@
 loop with chunked prefill built on it. Semantics are DMS/KVzap's:
 
 - every new token (prefill chunk or decode step) is scored from the hidden state entering each attention layer
-  as it arrived, with its keys/values/positions; the score is stored with the pair (a scorer with
-  ``accumulates_attention`` also gets, at every step, the attention mass the pair receives, summed over the
-  query heads of its KV group);
+  as it arrived, with its keys/values/positions (and, for a scorer with ``context`` k, the hidden states of the
+  k tokens before, kept per layer and row in the cache: ``CompactLayer.recent``); the score is stored with the
+  pair (a scorer with ``accumulates_attention`` also gets, at every step, the attention mass the pair receives,
+  summed over the query heads of its KV group);
 - at each eviction point (after every multi-token forward, and every ``evict_every`` decode steps) the pairs
   that left the sliding window (``rule.window`` most recent tokens of the row) and are not sinks (``rule.sinks``
   first tokens) are offered to ``rule.keep``; the others are evicted. The token just decoded is never offered.
@@ -359,16 +360,27 @@ def _score_pending(run: EvictionRun, idx: int) -> None:
     layer = run.cache.layers[idx]
     b, t, n = hidden.shape[0], hidden.shape[1], layer.used
     kv_heads = layer.index.shape[1]
+    scorer = run.policy.scorer
     if run.fused is not None:
         new = score_and_threshold(hidden, run.fused[idx], 0.0)[0]  # the rule thresholds later, with the window
     else:
         keys, values = layer.gather(n - t, n)
-        new = run.policy.scorer.score(hidden, idx, keys=keys, values=values, positions=layer.positions[:, 0, n - t : n])
+        positions = layer.positions[:, 0, n - t : n]
+        if scorer.context:  # the pending tokens are alive exactly where they are real (nothing evicted them yet)
+            previous, hidden, source = layer.advance_recent(hidden, layer.alive[:, 0, n - t : n], scorer.context)
+            pick = source.clamp_min(0)
+            keys, values = (x.gather(2, pick[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])) for x in (keys, values))
+            new = scorer.score(hidden, idx, keys=keys, values=values, positions=positions.gather(1, pick), previous=previous)
+        else:
+            new = scorer.score(hidden, idx, keys=keys, values=values, positions=positions)
     if new.shape != (b, kv_heads, t):
         raise ValueError(
             f"policy {run.policy.name!r}: scorer returned shape {tuple(new.shape)} for layer {idx}; "
             f"expected [batch, kv_heads, new tokens] = {[b, kv_heads, t]} (trained for another model?)"
         )
+    if run.fused is None and scorer.context:  # back to the slots' order; a previous token's score (source < 0) is dropped
+        k = scorer.context
+        new = new.new_zeros(b, kv_heads, k + t).scatter_(2, (source + k)[:, None].expand(-1, kv_heads, -1), new)[:, :, k:]
     layer.scores[:, :, n - t : n] = new
 
 

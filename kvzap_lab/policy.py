@@ -5,8 +5,8 @@ all take one. Both halves are small, kvpress-press-sized objects:
 
 - a **scorer** is a :class:`Scorer`: ``score(hidden, layer, *, keys, values, positions) -> [b, kv_heads, t]`` for
   the ``t`` new tokens of one layer (higher = more important; KVzap predicts log KVzip+), plus optional hooks
-  with defaults (:class:`Scorer` lists them): ``accumulates_attention``, ``default_rule``, ``check_model``,
-  ``fused_weights``; :class:`OracleTableScorer` adds ``set_scores`` for scorers that read the oracle table of
+  with defaults (:class:`Scorer` lists them): ``accumulates_attention``, ``context``, ``default_rule``,
+  ``check_model``, ``fused_weights``; :class:`OracleTableScorer` adds ``set_scores`` for scorers that read the oracle table of
   the current batch; :class:`kvzap_lab.surrogate.TrainableScorer` adds ``fit``/``predict``/``save``/``load``
   and the study's ``policy_name``. A plain class with ``score()`` (and ``accumulates_attention``) that does
   not subclass :class:`Scorer` works too: :class:`ScorerAdapter` gives it the defaults.
@@ -51,6 +51,7 @@ _BUILTIN_MODULES = (
     "kvzap_mlp",
     "kvzap_shared",
     "kvzap_rich",
+    "kvzap_local",
     "gbdt",
     "oracle",
     "random",
@@ -193,6 +194,13 @@ class Scorer:
 
     - ``accumulates_attention`` (default False): the engine adds, at every step, the attention mass each held
       pair receives (summed over the query heads of its KV group) to its stored score (H2O/TOVA-like).
+    - ``context`` (default 0): how many previous hidden states ``score()`` reads. When > 0 the engine also passes
+      ``previous [b, context, hidden]`` (oldest first) and moves each row's padding first: in ``[previous, hidden]``
+      each row's new real tokens come last, right after the hidden states of its ``context`` real tokens before
+      them (zeros before the start of the sequence); padding and previous tokens in ``hidden``'s slots get scores
+      that are not used. So a token's score is the same whether it arrives in a one-chunk prefill, a chunk or a
+      decoding step, padded or not. With 0, ``score()``
+      gets no ``previous``.
     - ``default_rule`` (default None): the rule :func:`get_policy` uses when given none (None: ``Threshold()``,
       tau -6 on log KVzip+); evaluation sweeps taus for a scorer declaring a finite :class:`Threshold` and
       budgets (keep ratios) otherwise, since the scale of undeclared scores is unknown.
@@ -207,6 +215,7 @@ class Scorer:
     """
 
     accumulates_attention: ClassVar[bool] = False
+    context: int = 0  # a class attribute, or an instance's parameter (KVzap-local's)
     default_rule: ClassVar[Rule | None] = None
 
     def score(
@@ -243,7 +252,7 @@ class ScorerAdapter(Scorer):
     ``accumulates_attention``), with the base's defaults for every other hook.
 
     The one place such objects are adapted (:class:`Policy` does it). The object's own ``accumulates_attention``
-    (False when absent) and ``default_rule`` are honoured; its other attributes read through (``wrapped``).
+    (False when absent), ``context`` (0 when absent) and ``default_rule`` are honoured; its other attributes read through (``wrapped``).
     Hooks that only a subclass can declare (``check_model``, ``fused_weights``, ``set_scores``) are refused with
     a TypeError rather than silently ignored.
     """
@@ -262,6 +271,7 @@ class ScorerAdapter(Scorer):
             )
         self.wrapped = wrapped
         self.accumulates_attention = bool(getattr(wrapped, "accumulates_attention", False))
+        self.context = int(getattr(wrapped, "context", 0))
         self.default_rule = getattr(wrapped, "default_rule", Scorer.default_rule)
 
     def score(self, hidden: Tensor, layer: int, **kwargs) -> Tensor:

@@ -75,7 +75,8 @@ class Split:
     """A train/test split of (hidden state, log-score) rows: the fields that training reads from a dataset.
 
     ``X_* [n, layers, hidden]``, ``y_* [n, layers, kv_heads]``; ``manifest`` holds at least ``MANIFEST_KEYS``;
-    ``positions_* [n]``: the rows' absolute positions, where known (:class:`kvzap_lab.data.Dataset` has them too).
+    ``positions_* [n]``: the rows' absolute positions, where known (:class:`kvzap_lab.data.Dataset` has them too);
+    ``previous_* [n, K, layers, hidden]``: the hidden states of each row's K previous tokens, where collected.
     """
 
     X_train: np.ndarray
@@ -85,6 +86,8 @@ class Split:
     manifest: dict
     positions_train: np.ndarray | None = None
     positions_test: np.ndarray | None = None
+    previous_train: np.ndarray | None = None
+    previous_test: np.ndarray | None = None
 
 
 def synthetic_split(n: int = 5000, n_layers: int = 2, hidden: int = 24, n_kv_heads: int = 2, seed: int = 0,
@@ -129,6 +132,13 @@ def check_training_data(X, y=None, manifest: dict | None = None) -> tuple[np.nda
             detail = ", ".join(f"{k}: model has {m}, data has {d}" for k, (m, d) in wrong.items())
             raise ModelMismatchError(f"training data does not match the model of its manifest ({detail})")
     return X, y
+
+
+def training_facts(X: np.ndarray, y: np.ndarray, manifest: dict | None) -> dict:
+    """A fitted scorer's ``trained_for_``: the model fingerprint of the dataset ``manifest`` (None if unknown) and the
+    shapes of ``X [n, layers, hidden]`` and ``y [n, layers, kv_heads]``."""
+    return {"model_fingerprint": model_facts(manifest).get("model_fingerprint"), "n_layers": X.shape[1],
+            "hidden_size": X.shape[2], "n_kv_heads": y.shape[2]}
 
 
 def _as_numpy(a, name: str) -> np.ndarray:
@@ -197,6 +207,7 @@ class TrainableScorer(Scorer, BaseEstimator):
     policy_name: ClassVar[str]
     default_rule: ClassVar[Threshold] = Threshold()
     param_ranges: ClassVar[dict[str, Interval]]
+    study_neighbours: ClassVar[int] = 0  # > 0: the study's dataset stores each row's that many previous hidden states
     n_threads: int | None = None  # threads while fitting (None: the process's torch setting); a constructor param where tunable
 
     def _check_params(self) -> None:
@@ -206,16 +217,15 @@ class TrainableScorer(Scorer, BaseEstimator):
             if not valid.contains(value):
                 raise ValueError(f"{type(self).__name__}: {name} must be {valid.describe()}; got {value!r}")
 
-    def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None):
+    def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None, previous=None):
         """Fit on ``X [n, layers, hidden]``, ``y [n, layers, kv_heads]``; ``manifest`` (from the dataset) ties the
-        scorer to its model. Validates the parameters first; returns ``self``. ``model`` and ``positions [n]`` (the
-        rows' absolute positions, :class:`kvzap_lab.data.Dataset`'s ``positions_*``) are for scorers that read
-        more than the hidden state (KVzap-rich); a scorer of the hidden state alone ignores them."""
+        scorer to its model. Validates the parameters first; returns ``self``. ``model``, ``positions [n]`` (the
+        rows' absolute positions, :class:`kvzap_lab.data.Dataset`'s ``positions_*``) and ``previous [n, K, layers,
+        hidden]`` (each row's K previous hidden states, ``previous_*``) are for scorers that read more than the
+        hidden state (KVzap-rich, KVzap-local); a scorer of the hidden state alone ignores them."""
         self._check_params()
         X, y = check_training_data(X, y, manifest)
-        self.trained_for_ = {"model_fingerprint": model_facts(manifest).get("model_fingerprint")} | dict(
-            n_layers=X.shape[1], hidden_size=X.shape[2], n_kv_heads=y.shape[2]
-        )
+        self.trained_for_ = training_facts(X, y, manifest)
         with limited_threads(self.n_threads):
             self._fit(X, y)
         return self
@@ -224,9 +234,9 @@ class TrainableScorer(Scorer, BaseEstimator):
         if not hasattr(self, "trained_for_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(X, y) or load a checkpoint first")
 
-    def predict(self, X, *, positions=None):
+    def predict(self, X, *, positions=None, previous=None):
         """Predicted log-scores ``[n, layers, kv_heads]`` for ``X [n, layers, hidden]`` (numpy in -> numpy out);
-        ``positions [n]`` as in :meth:`fit` (ignored by a scorer of the hidden state alone)."""
+        ``positions [n]`` and ``previous`` as in :meth:`fit` (ignored by a scorer of the hidden state alone)."""
         self._check_fitted()
         is_numpy = not isinstance(X, Tensor)
         X_np, _ = check_training_data(X)

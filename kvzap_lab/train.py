@@ -30,11 +30,11 @@ def _load_dataset(path, model=None):
     return load_dataset(path, model=model)
 
 
-def evaluate(scorer: TrainableScorer, X_test, y_test, positions=None) -> dict:
-    """Held-out metrics of a fitted scorer (``positions``: the rows', for scorers that read them): per-layer lists
-    and means of ``r2``, ``spearman``, ``mse``."""
+def evaluate(scorer: TrainableScorer, X_test, y_test, positions=None, previous=None) -> dict:
+    """Held-out metrics of a fitted scorer (``positions``, ``previous``: the rows', for scorers that read them):
+    per-layer lists and means of ``r2``, ``spearman``, ``mse``."""
     X_test, y_test = check_training_data(X_test, y_test)
-    per_layer = r2_spearman_mse(y_test, scorer.predict(X_test, positions=positions))
+    per_layer = r2_spearman_mse(y_test, scorer.predict(X_test, positions=positions, previous=previous))
     return {k: float(np.mean(v)) for k, v in per_layer.items()} | {"per_layer": per_layer}
 
 
@@ -42,7 +42,7 @@ def make_scorer(policy: str, params: dict | None = None) -> TrainableScorer:
     """The unfitted trainable scorer ``policy`` with ``params``, its parameters validated (ValueError otherwise)."""
     factory = resolve_policy(policy)
     if not is_trainable(factory):
-        raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, shared, rich, gbdt (kvzap_linear, kvzap_mlp, kvzap_shared, kvzap_rich)")
+        raise ValueError(f"policy {policy!r} is not trainable; trainable policies: linear, mlp, shared, rich, local, gbdt (kvzap_linear, kvzap_mlp, kvzap_shared, kvzap_rich, kvzap_local)")
     try:
         scorer = factory(**(params or {}))
     except TypeError as err:
@@ -68,10 +68,11 @@ def fit_and_evaluate(policy: str, dataset, params: dict | None = None, model=Non
     """
     scorer = make_scorer(policy, params)
     start = time.perf_counter()
-    scorer.fit(dataset.X_train, dataset.y_train, manifest=dataset.manifest, model=model, positions=dataset.positions_train)
+    scorer.fit(dataset.X_train, dataset.y_train, manifest=dataset.manifest, model=model, positions=dataset.positions_train,
+               previous=dataset.previous_train)
     summary = {"policy": scorer.policy_name, "params": scorer.get_params(), "train_seconds": time.perf_counter() - start}
     summary |= {"n_train": len(dataset.X_train), "n_test": len(dataset.X_test)}
-    summary |= evaluate(scorer, dataset.X_test, dataset.y_test, dataset.positions_test)
+    summary |= evaluate(scorer, dataset.X_test, dataset.y_test, dataset.positions_test, dataset.previous_test)
     summary["flops_per_token"] = scorer.flops_per_token()
     if model is not None:
         scorer.check_model(model)
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scorer.save(out / "scorer")
     X_test, y_test = check_training_data(dataset.X_test, dataset.y_test)
-    plot_predictions(y_test, scorer.predict(X_test, positions=dataset.positions_test), out / "pred_vs_true.png")
+    plot_predictions(y_test, scorer.predict(X_test, positions=dataset.positions_test, previous=dataset.previous_test),
+                     out / "pred_vs_true.png")
     summary |= {"scorer_dir": str(out / "scorer"), "plot": str(out / "pred_vs_true.png"), "data": str(args.data)}
     io.atomic_write_json(out / "metrics.json", summary)
     if args.tracking_uri:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,6 +75,52 @@ class StandardisedRows:
         return (self.x[rows].float() - self.x_mean) / self.x_std
 
 
+def init_maps(n_layers: int, dims: list[int], generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """Per-layer maps ``[(W [layers, out, in], b [layers, out])]`` between ``dims``, nn.Linear's default init."""
+    weights = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        bound = 1 / math.sqrt(d_in)
+        W = (torch.rand(n_layers, d_out, d_in, generator=generator) * 2 - 1) * bound
+        b = (torch.rand(n_layers, d_out, generator=generator) * 2 - 1) * bound
+        weights.append((W.requires_grad_(), b.requires_grad_()))
+    return weights
+
+
+def fit_per_layer(recipe, params: list[Tensor], train: Tensor, generator: torch.Generator, batch_loss: Callable,
+                  validation_loss: Callable) -> tuple[list[Tensor], Tensor]:
+    """KVzap-MLP's training recipe over per-layer ``params`` (each ``[layers, ...]``): AdamW, cosine schedule,
+    gradient clipping, shuffled batches of the ``train`` row indices (``batch_loss(rows)`` -> scalar); after every
+    epoch each layer keeps its values of the epoch with its best ``validation_loss() -> [layers]``; stops when no
+    layer improved for ``patience`` epochs. ``recipe`` holds the settings (a KVzap-MLP-like scorer: ``lr``,
+    ``weight_decay``, ``epochs``, ``batch_size``, ``grad_clip``, ``patience``, ``verbose``). Returns the best
+    values (in ``params`` order) and the best validation loss per layer."""
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
+    best = [p.detach().clone() for p in params]
+    best_loss = torch.full((params[0].shape[0],), math.inf)
+    stale = 0
+    for _ in tqdm(range(recipe.epochs), desc=f"{recipe.policy_name} epochs", disable=not recipe.verbose):
+        shuffled = train[torch.randperm(len(train), generator=generator)]
+        for start in range(0, len(shuffled), recipe.batch_size):
+            loss = batch_loss(shuffled[start : start + recipe.batch_size])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            optimizer.step()
+            schedule.step()
+        with torch.no_grad():
+            val_loss = validation_loss()  # [L]
+            improved = val_loss < best_loss
+            for p, kept in zip(params, best):
+                kept[improved] = p[improved]
+            best_loss = torch.minimum(best_loss, val_loss)
+        stale = 0 if improved.any() else stale + 1
+        if stale >= recipe.patience:
+            break
+    return best, best_loss
+
+
 @register_policy("kvzap_mlp", "mlp")
 class KVzapMLP(KVzapLinear):
     """Per-layer MLP scorer; ``width`` defaults to hidden/8, ``depth`` is the number of hidden layers;
@@ -123,49 +170,20 @@ class KVzapMLP(KVzapLinear):
         self.n_threads = n_threads
         self.verbose = verbose
 
-    def _init_weights(self, n_layers: int, dims: list[int], generator: torch.Generator) -> list:
-        weights = []
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
-            bound = 1 / math.sqrt(d_in)  # nn.Linear's default init
-            W = (torch.rand(n_layers, d_out, d_in, generator=generator) * 2 - 1) * bound
-            b = (torch.rand(n_layers, d_out, generator=generator) * 2 - 1) * bound
-            weights.append((W.requires_grad_(), b.requires_grad_()))
-        return weights
-
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
         _, n_layers, hidden = X.shape
         width = self.width or max(1, hidden // 8)
         generator = torch.Generator().manual_seed(self.seed)
         data = StandardisedRows.split(X, y, self.validation_fraction, generator)
-        train, val, ts, xs = data.train, data.val, data.ts, data.xs
-        weights = self._init_weights(n_layers, [hidden] + [width] * self.depth + [y.shape[2]], generator)
-        params = [p for pair in weights for p in pair]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        steps_per_epoch = math.ceil(len(train) / self.batch_size)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs * steps_per_epoch)
-        best = [(W.detach().clone(), b.detach().clone()) for W, b in weights]
-        best_loss = torch.full((n_layers,), math.inf)
-        stale = 0
-        for _ in tqdm(range(self.epochs), desc="kvzap_mlp epochs", disable=not self.verbose):
-            shuffled = train[torch.randperm(len(train), generator=generator)]
-            for start in range(0, len(shuffled), self.batch_size):
-                rows = shuffled[start : start + self.batch_size]
-                loss = F.mse_loss(_forward_all_layers(weights, xs(rows)), ts[rows])
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-                optimizer.step()
-                schedule.step()
-            with torch.no_grad():
-                val_loss = ((_forward_all_layers(weights, xs(val)) - ts[val]) ** 2).mean(dim=(0, 2))  # [L]
-                improved = val_loss < best_loss
-                for (W, b), (bW, bb) in zip(weights, best):
-                    bW[improved], bb[improved] = W[improved], b[improved]
-                best_loss = torch.minimum(best_loss, val_loss)
-            stale = 0 if improved.any() else stale + 1
-            if stale >= self.patience:
-                break
+        ts, xs = data.ts, data.xs
+        weights = init_maps(n_layers, [hidden] + [width] * self.depth + [y.shape[2]], generator)
+        best, best_loss = fit_per_layer(
+            self, [p for pair in weights for p in pair], data.train, generator,
+            lambda rows: F.mse_loss(_forward_all_layers(weights, xs(rows)), ts[rows]),
+            lambda: ((_forward_all_layers(weights, xs(data.val)) - ts[data.val]) ** 2).mean(dim=(0, 2)),
+        )
         self.validation_mse_ = best_loss.tolist()  # per layer, in standardised target units
+        best = list(zip(best[0::2], best[1::2]))
         self.weights_ = self._fold_standardisation(best, data.x_mean, data.x_std, data.t_mean, data.t_std)
 
     @staticmethod

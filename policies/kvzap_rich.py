@@ -159,7 +159,7 @@ class KVzapRich(TrainableScorer):
     )
 
     # ------------------------------------------------------------------------------------------- fitting
-    def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None):
+    def fit(self, X, y, *, manifest: dict | None = None, model=None, positions=None, previous=None):
         """Fit on ``X [n, layers, hidden]`` and ``y [n, layers, kv_heads]`` of ``model``'s oracle dataset, with the
         rows' absolute ``positions [n]``; returns ``self``."""
         from kvzap_lab.model import describe, fingerprint
@@ -233,7 +233,7 @@ class KVzapRich(TrainableScorer):
         return parse_features(self.features)
 
     # ------------------------------------------------------------------------------------------- scoring
-    def predict(self, X, *, positions=None):
+    def predict(self, X, *, positions=None, previous=None):
         """Predicted log-scores ``[n, layers, kv_heads]`` for ``X [n, layers, hidden]`` at ``positions [n]``
         (numpy in -> numpy out); needs the model (given to ``fit`` or ``load(path, model=)``)."""
         self._check_fitted()

@@ -84,6 +84,14 @@ CASES = [
      "alpha must be a finite float >= 0; got inf"),
     ("train-epochs-negative", train.main, ["--policy", "mlp", "--data", "{tmp}", "--out", "{tmp}/t2", "--set", "epochs=-1"],
      "epochs must be an int >= 1; got -1"),
+    ("train-local-context-negative", train.main, ["--policy", "local", "--data", "{tmp}", "--out", "{tmp}/t4", "--set",
+     "context=-1"], "KVzapLocal: context must be an int in [0, 64]; got -1"),
+    ("train-local-context-too-long", train.main, ["--policy", "local", "--data", "{tmp}", "--out", "{tmp}/t5", "--set",
+     "context=65"], "KVzapLocal: context must be an int in [0, 64]; got 65"),
+    ("collect-neighbours-negative", collect.main, ["--neighbours", "-1", "--out", "{tmp}/c5"], "--neighbours: must be an int >= 0"),
+    # a checkpoint of one scorer family loaded as another
+    ("evaluate-linear-checkpoint-as-local", evaluate.main, ["--policies", "kvzap_local@{good}", "--out", "{tmp}/e7.jsonl", *EVAL],
+     "holds a KVzapLinear, not a KVzapLocal: load it as policy 'kvzap_linear'"),
     # counts
     ("testbed-eval-n-0", testbed.main, ["eval", "--n", "0"], "must be an int >= 1; got 0"),
     ("testbed-eval-n-samples-0", testbed.main, ["eval", "--n-samples", "0"], "must be an int >= 1; got 0"),

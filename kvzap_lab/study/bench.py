@@ -45,7 +45,7 @@ class Bench:
         if self.last_fit[0] != key:
             scorer = factory(**arguments)
             scorer.fit(self.dataset.X_train.numpy(), self.dataset.y_train.numpy(), manifest=self.dataset.manifest,
-                       model=self.model, positions=self.dataset.positions_train)
+                       model=self.model, positions=self.dataset.positions_train, previous=self.dataset.previous_train)
             self.last_fit = (key, scorer)
         return self.last_fit[1]
 
@@ -67,22 +67,27 @@ class Bench:
         return tally.result()
 
 
-def default_data_dir(results: Path, name: str, fingerprint: str, short: str) -> Path:
+def default_data_dir(results: Path, name: str, fingerprint: str, short: str, neighbours: int = 0) -> Path:
     """``<results>/data/<model>`` (where ``kvzap_lab.collect`` writes by default) unless it holds another model's
-    data; then ``<results>/data/<model>-<fingerprint>``."""
+    data; then ``<results>/data/<model>-<fingerprint>``. With ``neighbours`` K > 0 (a scorer's ``study_neighbours``),
+    ``-neighboursK`` is appended: a dataset whose rows also store their K previous hidden states."""
     from kvzap_lab import data
 
-    shared = results / "data" / name
+    suffix = f"-neighbours{neighbours}" if neighbours else ""
+    shared = results / "data" / f"{name}{suffix}"
     manifest = data.read_manifest(shared) if shared.exists() else None
-    return shared if manifest is None or manifest["model"]["fingerprint"] == fingerprint else results / "data" / short
+    if manifest is None or manifest["model"]["fingerprint"] == fingerprint:
+        return shared
+    return results / "data" / f"{short}{suffix}"
 
 
 def load_data(model, tokenizer, name: str, data_dir: Path, recipe: Collection, context_tokens: int, seed: int,
-              train_rows: int = 0):
+              train_rows: int = 0, neighbours: int = 0):
     """The oracle dataset in ``data_dir`` (checked against ``model``), collected there first if absent or
     unfinished: ``python -m kvzap_lab.collect --tasks all`` with the ``recipe``'s counts, contexts of at most
-    ``context_tokens``, and collect's other defaults. ``name``: the model's short name, recorded in the manifest
-    as the command does. ``train_rows`` > 0: at most that many training rows (see :func:`subsample`)."""
+    ``context_tokens``, ``--neighbours neighbours`` and collect's other defaults. ``name``: the model's short name,
+    recorded in the manifest as the command does. ``train_rows`` > 0: at most that many training rows (see
+    :func:`subsample`)."""
     from kvzap_lab import collect, data, oracle, tasks
 
     manifest = data.read_manifest(data_dir) if data_dir.exists() else None
@@ -101,7 +106,7 @@ def load_data(model, tokenizer, name: str, data_dir: Path, recipe: Collection, c
             "decode_tokens": 0,
             "dtype": "float32",
             "oracle": {"normalize": True, "chunk_size": oracle.DEFAULT_CHUNK, "anchor": oracle.DEFAULT_ANCHOR},
-        }
+        } | ({"neighbours": neighbours} if neighbours else {})
         try:
             collect.collect(model, tokenizer, contexts, data_dir, settings)
         except (ValueError, FileNotFoundError) as err:
@@ -128,4 +133,5 @@ def subsample(dataset, train_rows: int, seed: int):
         X_train=dataset.X_train[train].float(), y_train=dataset.y_train[train], groups_train=dataset.groups_train[train],
         X_test=dataset.X_test[test].float(), y_test=dataset.y_test[test], groups_test=dataset.groups_test[test],
         positions_train=rows(dataset.positions_train, train), positions_test=rows(dataset.positions_test, test),
+        previous_train=rows(dataset.previous_train, train), previous_test=rows(dataset.previous_test, test),
     )

@@ -75,7 +75,7 @@ def make_objective(policy: str, factory, space: SearchSpace, bench: Bench, full:
             scorer, policy_ = fit_trial_policy(policy, factory, space, bench, values | rule_values, seed)
             kill_point("study.trial")
             barrier("study.trial")
-            fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy(), data.positions_test)
+            fit = held_out_fit(scorer, data.X_test.numpy(), data.y_test.numpy(), data.positions_test, data.previous_test)
             flops_ratio = scorer.flops_per_token() / projection_flops_per_token(bench.model.config)
             if "flops_ratio" not in trial.constraints:  # a rerun of a dead worker's trial inherits its constraint
                 trial.set_constraint("flops_ratio", flops_constraint(flops_ratio, max_flops_ratio))

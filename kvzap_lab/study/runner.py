@@ -109,9 +109,9 @@ def _run(config: StudyConfig) -> dict | None:
     spec = describe(model)
     fp = fingerprint(model)
     short = f"{model_name(config.model)}-{fp[:8]}"  # a retrained model gets its own data and studies
-    data_dir = config.data or default_data_dir(results, model_name(config.model), fp, short)
+    data_dir = config.data or default_data_dir(results, model_name(config.model), fp, short, factory.study_neighbours)
     dataset = load_data(model, tokenizer, model_name(config.model), data_dir, profile.collection, config.context_tokens,
-                        config.seed, config.train_rows)
+                        config.seed, config.train_rows, factory.study_neighbours)
     space = build_space(config.policy, factory, spec, dataset.y_train.numpy(), config.space)
     points, skipped = start_points(space, spec, dataset.y_train.numpy()) if config.baseline else ([], [])
 
