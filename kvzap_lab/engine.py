@@ -57,6 +57,7 @@ from kvzap_lab.policy import Policy
 DEFAULT_CHUNK = 128
 DEFAULT_EVICT_EVERY = 8
 DEFAULT_COMPACT_EVERY = 32
+MASS_BLOCK = 1024  # query rows per block of :func:`attention_mass`
 
 
 def check_policy(model: nn.Module, policy: Policy | None) -> None:
@@ -214,6 +215,8 @@ class EvictionRun:
     _compact_after: int | None = field(default=None, repr=False)
     _window: _HiddenWindow = field(default_factory=_HiddenWindow, repr=False)
     _captured: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    # per layer, the attention mass [b, kv_heads, n] of the last forward, recorded when not None (see :func:`prefill`)
+    attention_mass: dict[int, Tensor] | None = field(default=None, repr=False)
     _hooks: contextlib.ExitStack | None = field(default=None, repr=False)
 
     def new_cache(self) -> CompactCache:
@@ -398,6 +401,19 @@ def _score_all_pending(run: EvictionRun) -> None:
         layer.scores[:, :, layer.used - t : layer.used] = new
 
 
+def attention_mass(query: Tensor, key: Tensor, mask: Tensor, scale: float, block: int = MASS_BLOCK) -> Tensor:
+    """The attention each key receives, summed over the queries: ``query [b, h, r, d]``, ``key [b, h, n, d]``,
+    ``mask`` bool ``[b, h, r or 1, n]`` (True: visible) -> float32 ``[b, h, n]``. Computed over blocks of ``block``
+    query rows, so the weights held at once stay ``[b, h, block, n]``."""
+    total = None
+    for start in range(0, query.shape[2], block):
+        rows = slice(start, start + block)
+        logits = query[:, :, rows] @ key.transpose(-1, -2) * scale
+        part = logits.masked_fill(~(mask[:, :, rows] if mask.shape[2] > 1 else mask), -math.inf).softmax(-1).sum(2).float()
+        total = part if total is None else total + part
+    return total
+
+
 def _attend(run: EvictionRun):
     """The attention override: exact attention over the compacted cache; buffers the new tokens for scoring."""
     scorer = None if run.policy is None else run.policy.scorer
@@ -418,14 +434,14 @@ def _attend(run: EvictionRun):
         scale = kwargs.get("scaling")
         if scorer is not None:
             run._pending.setdefault(idx, []).append(run._captured[idx])
-        if accumulates:  # scores must exist before this step's attention mass is added to them
-            _score_pending(run, idx)
-            logits = grouped @ key.transpose(-1, -2) * (scale if scale is not None else d**-0.5)
-            weights = logits.masked_fill(~mask, -math.inf).softmax(-1)
-            out = weights @ value
-            layer.scores[:, :, :n] += weights.sum(2).float()
-        else:
-            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+        if accumulates or run.attention_mass is not None:
+            mass = attention_mass(grouped, key, mask, scale if scale is not None else d**-0.5)
+            if accumulates:  # scores must exist before this step's attention mass is added to them
+                _score_pending(run, idx)
+                layer.scores[:, :, :n] += mass
+            else:
+                run.attention_mass[idx] = mass
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
         return out.view(b, n_heads, q, d).transpose(1, 2), None
 
     return attend
@@ -698,8 +714,11 @@ class Prefill:
     Holds what every policy's eviction point needs: ``ids``/``mask`` ``[b, n]`` (left-padded prompts, 1 on real
     tokens), ``positions [b, n]`` (each row's true positions), ``cache`` (the full :class:`CompactCache` of the
     prompts, nothing evicted), ``hidden`` (per layer ``[b, n, hidden]``: the hidden state entering that attention
-    layer at every prompt token, what KVzap scorers read) and ``logits [b, 1, vocab]`` (the prompts' last ones).
-    Memory: the full cache plus ``layers * b * n * hidden`` activations, held until the object is dropped.
+    layer at every prompt token, what KVzap scorers read), ``logits [b, 1, vocab]`` (the prompts' last ones) and,
+    when :func:`prefill` was asked for it, ``attention_mass`` (per layer ``[b, kv_heads, n]``: the attention each
+    prompt pair received, summed over the prompt's queries and the query heads of its KV group; what a scorer
+    with ``accumulates_attention`` holds after a one-chunk prefill). Memory: the full cache plus ``layers * b * n *
+    hidden`` activations, held until the object is dropped.
     """
 
     model: nn.Module
@@ -709,6 +728,7 @@ class Prefill:
     cache: CompactCache
     hidden: list[Tensor]
     logits: Tensor
+    attention_mass: list[Tensor] | None = None
 
     @torch.no_grad()
     def branch(
@@ -728,8 +748,9 @@ class Prefill:
         prompt pair from the stored hidden states, keys, values and positions, its rule evicts at the prefill's
         eviction point, the cache is compacted, then decoding runs as in :func:`generate`. The prefill stays
         intact: branch as often as needed (set an oracle's table with ``set_scores`` first, as for ``generate``).
-        A scorer with ``accumulates_attention`` needs the prefill's attention weights, which a shared prefill does
-        not keep: that policy runs its own one-chunk prefill (same result, the cost of one prefill).
+        A scorer with ``accumulates_attention`` starts from the prefill's ``attention_mass`` (``prefill(...,
+        attention_mass=True)``); from a prefill without it, that policy runs its own one-chunk prefill (same
+        result, the cost of one prefill).
 
         Example::
 
@@ -739,7 +760,8 @@ class Prefill:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-        if policy is not None and policy.scorer.accumulates_attention:
+        accumulates = policy is not None and policy.scorer.accumulates_attention
+        if accumulates and self.attention_mass is None:
             return generate(self.model, self.ids, policy, max_new_tokens, attention_mask=self.mask, eos_token_id=eos_token_id,
                             chunk_size=self.ids.shape[1], evict_every=evict_every, compact_every=compact_every, expected=expected)
         with evicting(self.model, policy, evict_every=evict_every, compact_every=compact_every) as run:
@@ -747,30 +769,41 @@ class Prefill:
             cache.seen, cache.real_seen = 0, None  # as during the prefill forward, before its end_step
             cache.begin_step(self.positions, self.mask.bool())
             run.cache = cache
-            if policy is not None:
+            if accumulates:  # as after its own prefill: scored (zeros), then the prefill's attention mass added
+                for layer, mass in zip(cache.layers, self.attention_mass):
+                    layer.scores[:, :, : layer.used] = mass
+            elif policy is not None:
                 run._pending = {idx: [hidden] for idx, hidden in enumerate(self.hidden)}
             _end_forward(run)  # the prefill's eviction point and compaction under this policy
             return _greedy(self.model, cache, self.logits, max_new_tokens, eos_token_id, expected)
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, prompts: Tensor | Sequence[Sequence[int]], *, attention_mask: Tensor | None = None) -> Prefill:
+def prefill(
+    model: nn.Module, prompts: Tensor | Sequence[Sequence[int]], *, attention_mask: Tensor | None = None,
+    attention_mass: bool = False,
+) -> Prefill:
     """Prefill ``prompts`` once with the full cache (one chunk) and keep what :meth:`Prefill.branch` needs to run any
     number of policies from it (KVzap/kvpress semantics: prefill attention is full, eviction starts after it).
 
     Args:
         model: a supported HF causal LM.
         prompts: ``ids [b, n]`` (left-padded, with ``attention_mask [b, n]``) or a list of token lists.
+        attention_mass: also keep each pair's attention mass, so that policies with ``accumulates_attention``
+            branch without a prefill of their own (the prefill computes its attention weights once more).
     Returns:
         a :class:`Prefill`; ``prefill(m, p).branch(policy, k, ...)`` equals ``generate(m, p, policy, k, ...,
         chunk_size >= n)``.
     """
     ids, mask = _prompt_batch(model, prompts, attention_mask)
     with evicting(model, None) as run, capture_attention_inputs(model) as hidden:
+        run.attention_mass = {} if attention_mass else None
         cache = run.new_cache()
         positions = cache.next_positions(ids.shape[0], ids.shape[1], mask.bool(), device=ids.device)
         logits = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits
-    return Prefill(model, ids, mask, positions, cache, [hidden[i] for i in range(len(cache.layers))], logits)
+    layers = range(len(cache.layers))
+    mass = [run.attention_mass[i] for i in layers] if attention_mass else None
+    return Prefill(model, ids, mask, positions, cache, [hidden[i] for i in layers], logits, mass)
 
 
 def full_cache_bytes(cache: Cache) -> int:

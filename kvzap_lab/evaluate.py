@@ -329,18 +329,20 @@ def _shared_prefill_group(model, tokenizer, cells: list[tuple[Cell, Policy | Non
                           batch_size: int, partial_path: Path) -> list[dict]:
     """Every cell of one (task, context length) from one prefill per batch (``--chunk-size 0``).
 
-    Each batch is prefilled once with the full cache (:func:`kvzap_lab.engine.prefill`) and every cell's policy
-    branches from it, exactly as its own one-chunk ``generate`` would. The tallies are saved atomically to
+    Each batch is prefilled once with the full cache (:func:`kvzap_lab.engine.prefill`, with the attention mass
+    when a policy accumulates attention) and every cell's policy branches from it, exactly as its own one-chunk
+    ``generate`` would. The tallies are saved atomically to
     ``partial_path`` after every batch, so a killed run resumes at its next batch.
     """
     key = samples_digest(samples) + "|" + "|".join(c.label() for c, _ in cells)
     saved = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     state = saved if saved.get("key") == key else {"key": key, "batches": 0, "tallies": [asdict(Tally()) for _ in cells]}
     tallies = [Tally(**t) for t in state["tallies"]]
+    accumulating = any(p is not None and p.scorer.accumulates_attention for _, p in cells)
     for i, batch in enumerate(batches(samples, batch_size)):
         if i < state["batches"]:
             continue
-        started = prefill(model, [s.input_ids for s in batch])
+        started = prefill(model, [s.input_ids for s in batch], attention_mass=accumulating)
         table = oracle_table(model, tokenizer, batch) if any(_takes_table(p) for _, p in cells) else None
         for (_, policy), tally in zip(cells, tallies):
             if _takes_table(policy):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from kvzap_lab import tasks
-from kvzap_lab.engine import generate, prefill
+from kvzap_lab.engine import attention_mass, generate, prefill
 from kvzap_lab.oracle import oracle_table
 from kvzap_lab.model import describe, load_model, random_tiny_model
 from kvzap_lab.policy import Policy, Threshold, TopK, get_policy
@@ -30,18 +32,20 @@ def mlp_policy(model, tau):
     return Policy("kvzap_mlp", mlp, Threshold(tau=tau, window=WINDOW, sinks=SINKS))
 
 
-def test_branches_equal_generate_with_a_one_chunk_prefill():
+@pytest.mark.parametrize("attention_mass", [False, True])  # accumulated attention: its own prefill, or the shared one's mass
+def test_branches_equal_generate_with_a_one_chunk_prefill(attention_mass):
     model = random_tiny_model("llama", seed=2)
     gen = torch.Generator().manual_seed(3)
     rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (60, 37, 52)]  # left-padded batch
-    pre = prefill(model, rows)
+    pre = prefill(model, rows, attention_mass=attention_mass)
+    assert (pre.attention_mass is not None) == attention_mass
     policies = [
         lambda: None,  # full cache
         lambda: mlp_policy(model, 0.0),  # threshold, fused KVzap scorer
         lambda: get_policy("knorm", rule=TopK(budget=10, window=WINDOW, sinks=SINKS)),
         lambda: get_policy("streaming_llm", rule=TopK(budget=0, window=WINDOW, sinks=SINKS)),
         lambda: get_policy("random", rule=TopK(budget=6, across_heads=True, window=WINDOW, sinks=SINKS)),
-        lambda: get_policy("accumulated_attention", rule=TopK(budget=8, window=WINDOW, sinks=SINKS)),  # own prefill
+        lambda: get_policy("accumulated_attention", rule=TopK(budget=8, window=WINDOW, sinks=SINKS)),
     ]
     evicted = []
     for make in policies:
@@ -80,3 +84,16 @@ def test_prefill_shapes_and_bad_input():
     assert pre.logits.shape == (2, 1, 128) and pre.cache.seen == 20 and pre.cache.compression().overall == 0
     with pytest.raises(ValueError, match="max_new_tokens"):
         pre.branch(None, 0)
+
+
+def test_attention_mass_is_the_column_sum_of_the_softmax_whatever_the_block():
+    gen = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 3, 10, 8, generator=gen), torch.randn(2, 3, 7, 8, generator=gen)
+    mask = torch.rand(2, 3, 10, 7, generator=gen) > 0.3
+    mask[..., 0] = True  # every query sees a key
+    expected = (query @ key.transpose(-1, -2) * 0.5).masked_fill(~mask, -math.inf).softmax(-1).sum(2)
+    for block in (1, 3, 10, 1024):
+        torch.testing.assert_close(attention_mass(query, key, mask, 0.5, block=block), expected)
+    one = mask[:, :, :1]  # a mask shared by every query row (a decode step)
+    torch.testing.assert_close(attention_mass(query, key, one, 0.5, block=4),
+                               (query @ key.transpose(-1, -2) * 0.5).masked_fill(~one, -math.inf).softmax(-1).sum(2))
