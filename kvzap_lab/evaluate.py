@@ -331,8 +331,8 @@ def _shared_prefill_group(model, tokenizer, cells: list[tuple[Cell, Policy | Non
 
     Each batch is prefilled once with the full cache (:func:`kvzap_lab.engine.prefill`, with the attention mass
     when a policy accumulates attention) and every cell's policy branches from it, exactly as its own one-chunk
-    ``generate`` would. The tallies are saved atomically to
-    ``partial_path`` after every batch, so a killed run resumes at its next batch.
+    ``generate`` would. The tallies are saved atomically to ``partial_path`` after every batch, so a killed run
+    resumes at its next batch.
     """
     key = samples_digest(samples) + "|" + "|".join(c.label() for c, _ in cells)
     saved = json.loads(partial_path.read_text()) if partial_path.exists() else {}
